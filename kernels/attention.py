@@ -1,0 +1,113 @@
+"""``capture_attention``: the one attention entry point of the package."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import attention_reference
+
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
+"""Head dimensions the fused kernel is built for; the reference accepts any."""
+
+SUPPORTED_STATS: tuple[str, ...] = ("lse", "entropy", "max_prob", "class_mass", "same_label_mass")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+
+
+def _check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    stats: Sequence[str],
+    key_class: Tensor | None,
+    num_classes: int,
+    query_label: Tensor | None,
+    backend: str,
+) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, T, Dh], got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    unknown = [s for s in stats if s not in SUPPORTED_STATS]
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; choose from {SUPPORTED_STATS}")
+    b, t_k = k.shape[0], k.shape[2]
+    if "class_mass" in stats:
+        if key_class is None or num_classes < 1:
+            raise ValueError("stats 'class_mass' needs key_class [B, T] and num_classes >= 1")
+        if key_class.shape != (b, t_k):
+            raise ValueError(f"key_class must be [B, Tk] = {(b, t_k)}, got {tuple(key_class.shape)}")
+        if key_class.numel() and (int(key_class.min()) < 0 or int(key_class.max()) >= num_classes):
+            raise ValueError(f"key_class values must lie in [0, {num_classes}), got [{int(key_class.min())}, {int(key_class.max())}]")
+    if "same_label_mass" in stats:
+        if q.shape[2] != t_k:
+            raise ValueError("stats 'same_label_mass' needs self-attention (Tq == Tk)")
+        if query_label is None or query_label.shape != (b, t_k):
+            got = None if query_label is None else tuple(query_label.shape)
+            raise ValueError(f"stats 'same_label_mass' needs query_label [B, T] = {(b, t_k)}, got {got}")
+
+
+def capture_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    stats: Sequence[str] = (),
+    key_class: Tensor | None = None,
+    num_classes: int = 0,
+    query_label: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Scaled dot-product attention that also returns per-head statistics.
+
+    Args:
+        q, k, v: ``[B, H, T, Dh]`` (any strides).
+        causal: mask keys after the query.
+        sm_scale: score scale, ``1/sqrt(Dh)`` by default.
+        stats: names among ``lse``, ``entropy``, ``max_prob`` (``[B, H, T]``),
+            ``class_mass`` (``[B, H, T, num_classes]``: attention mass on keys of
+            each class given by ``key_class`` ``[B, T]``) and ``same_label_mass``
+            (``[B, H, T]``: mass on keys whose ``query_label`` equals the query's).
+        backend: ``"auto"`` (the fused kernel where available, else the
+            reference), ``"torch"`` (the reference) or ``"triton"``.
+
+    Returns:
+        ``(out, stats)``: ``out`` like ``q``, differentiable; ``stats`` fp32, detached.
+    """
+    stats = tuple(stats)
+    _check_inputs(q, k, v, causal, stats, key_class, num_classes, query_label, backend)
+    if backend == "triton":
+        raise NotImplementedError("the Triton backend is not available in this version; use backend='torch'")
+    if not stats:
+        # Without statistics the reference is exactly SDPA, which is faster and O(T) in memory.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
+        return out, {}
+    return attention_reference(
+        q, k, v, causal=causal, sm_scale=sm_scale, stats=stats,
+        key_class=key_class, num_classes=num_classes, query_label=query_label,
+    )
+
+
+def check_head_dim(head_dim: int, argument: str = "head_dim") -> None:
+    """Raise a ValueError naming ``argument`` if the fused kernel cannot run ``head_dim``."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{argument} gives a head dimension of {head_dim}; the attention kernel supports {SUPPORTED_HEAD_DIMS}")
+
+
+__all__ = ["BACKENDS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_STATS", "capture_attention", "check_head_dim"]

@@ -1,0 +1,28 @@
+"""lightning_icl: study in-context learning inside transformers while they train."""
+
+from lightning_icl.capture import Capture, CaptureSpec
+from lightning_icl.models import ICLTransformer
+from lightning_icl.module import ICLModule
+from lightning_icl.tasks import (
+    ICLBatch,
+    ICLDataModule,
+    LinearRegressionDataModule,
+    ModularArithmeticDataModule,
+    SparseLinearRegressionDataModule,
+    TaskInfo,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "CaptureSpec",
+    "ICLBatch",
+    "ICLDataModule",
+    "ICLModule",
+    "ICLTransformer",
+    "LinearRegressionDataModule",
+    "ModularArithmeticDataModule",
+    "SparseLinearRegressionDataModule",
+    "TaskInfo",
+]

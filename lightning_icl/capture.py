@@ -1,0 +1,92 @@
+"""What to keep from a forward pass (``CaptureSpec``) and what comes back (``Capture``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_icl.kernels import SUPPORTED_STATS
+
+POSITION_MODES = ("all", "last")
+
+
+@dataclass
+class CaptureSpec:
+    """What a forward pass should keep. Nothing that is not asked for is stored.
+
+    Args:
+        layers: block indices to capture (negative counts from the end); ``None`` = all.
+        residual: keep the residual stream after each chosen block, ``[B, P, D]``.
+        heads: keep per-head outputs z (input of the output projection, before any
+            gating), ``[B, H, P, Dh]``.
+        stats: attention statistics to keep, among ``lse``, ``entropy``, ``max_prob``,
+            ``class_mass``, ``same_label_mass``; ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``).
+        positions: ``"all"``, ``"last"``, or a long tensor of indices ``[P]`` or ``[B, P]``.
+    """
+
+    layers: Sequence[int] | None = None
+    residual: bool = False
+    heads: bool = False
+    stats: Sequence[str] = ()
+    positions: str | Tensor = "last"
+
+    def __post_init__(self) -> None:
+        self.stats = tuple(self.stats)
+        unknown = [s for s in self.stats if s not in SUPPORTED_STATS]
+        if unknown:
+            raise ValueError(f"CaptureSpec stats {unknown} unknown; choose from {SUPPORTED_STATS}")
+        if isinstance(self.positions, str) and self.positions not in POSITION_MODES:
+            raise ValueError(f"CaptureSpec positions must be one of {POSITION_MODES} or an index tensor, got {self.positions!r}")
+        if isinstance(self.positions, Tensor) and (self.positions.dim() not in (1, 2) or self.positions.is_floating_point()):
+            raise ValueError(f"CaptureSpec positions tensor must be integer [P] or [B, P], got {self.positions.dtype} {tuple(self.positions.shape)}")
+
+    def resolve_layers(self, n_layers: int) -> list[int]:
+        if self.layers is None:
+            return list(range(n_layers))
+        out = []
+        for layer in self.layers:
+            if not -n_layers <= layer < n_layers:
+                raise ValueError(f"CaptureSpec layers: {layer} out of range for a model with {n_layers} layers")
+            out.append(layer % n_layers)
+        return sorted(set(out))
+
+    def resolve_positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
+        """``[B, P]`` position indices."""
+        if isinstance(self.positions, str):
+            idx = torch.arange(seq_len, device=device) if self.positions == "all" else torch.tensor([seq_len - 1], device=device)
+        else:
+            idx = self.positions.to(device=device, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len):
+            raise ValueError(f"CaptureSpec positions must lie in [0, {seq_len}), got [{int(idx.min())}, {int(idx.max())}]")
+        if idx.dim() == 1:
+            idx = idx.expand(batch, -1)
+        if idx.shape[0] != batch:
+            raise ValueError(f"CaptureSpec positions has {idx.shape[0]} rows for a batch of {batch}")
+        return idx
+
+
+@dataclass
+class Capture:
+    """Tensors kept by a forward pass, detached, on the model's device.
+
+    ``residual[l]`` ``[B, P, D]`` is the output of block ``l``; ``heads[l]``
+    ``[B, H, P, Dh]`` the per-head z of block ``l``; ``stats[l][name]``
+    ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``). ``positions`` ``[B, P]`` says
+    which sequence positions the P axis holds.
+    """
+
+    positions: Tensor
+    residual: dict[int, Tensor] = field(default_factory=dict)
+    heads: dict[int, Tensor] = field(default_factory=dict)
+    stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def gather_positions(x: Tensor, positions: Tensor, dim: int) -> Tensor:
+    """Select ``positions`` ``[B, P]`` along the sequence axis ``dim`` of ``x`` ``[B, ..., T, ...]``."""
+    shape = [positions.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = positions.shape[1]
+    index = positions.view(shape).expand(*[s if i != dim else positions.shape[1] for i, s in enumerate(x.shape)])
+    return torch.gather(x, dim, index)

@@ -1,0 +1,42 @@
+"""``lightning-icl``: LightningCLI over the package's modules and DataModules."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_icl  # noqa: F401  (registers the short class names)
+from lightning_icl.report import write_fit_report
+
+
+def _task_info(data: L.LightningDataModule) -> dict:
+    info = getattr(data, "task_info", None)
+    if info is None:
+        raise ValueError(f"--data {type(data).__name__} has no task_info; ICLModule needs one to size the model")
+    return info.as_dict()
+
+
+class ICLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # the model is sized by the data: vocabulary, input width, sequence length, splits
+        parser.link_arguments("data", "model.init_args.task", compute_fn=_task_info, apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
+            for path in write_fit_report(self.trainer.log_dir):
+                print(f"wrote {path}")
+
+
+def main(args: list[str] | None = None) -> None:
+    ICLCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from .transformer import ICLTransformer
+
+__all__ = ["ICLTransformer"]

@@ -1,0 +1,239 @@
+"""``ICLTransformer``: a small GPT-style decoder whose attention reports on itself.
+
+Pre-LN blocks; RoPE, learned or no positions; tied embeddings for token tasks or
+linear read-in/read-out for vector tasks. Attention goes through
+:func:`lightning_icl.kernels.capture_attention`, so the statistics of a
+:class:`~lightning_icl.capture.CaptureSpec` come out of the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_icl.capture import Capture, CaptureSpec, gather_positions
+from lightning_icl.kernels import BACKENDS, capture_attention, check_head_dim
+
+POSITIONAL = ("rope", "learned", "none")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first ``dim`` channels of q and k (half-split layout)."""
+
+    def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [T, dim/2]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B, H, T, Dh]
+        t = x.shape[2]
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, bias: bool, rotary: Rotary | None, backend: str) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.rotary, self.backend = rotary, backend
+
+    def forward(
+        self,
+        x: Tensor,
+        stats: tuple[str, ...],
+        key_class: Tensor | None,
+        num_classes: int,
+        labels: Tensor | None,
+        gate: Tensor | None,
+        ablate_with: str | Tensor | None,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        b, t, d = x.shape
+        # [B, T, 3, H, Dh] -> three [B, H, T, Dh] strided views of one projection
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        z, st = capture_attention(
+            q, k, v, causal=True, stats=stats, key_class=key_class, num_classes=num_classes,
+            query_label=labels, backend=self.backend,
+        )  # z: [B, H, T, Dh]
+        y = z if gate is None else _gate_heads(z, gate, ablate_with)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d)), z, st
+
+
+def _gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Tensor:
+    """``g * z + (1 - g) * mu`` per head; gate ``[H]`` or ``[B, H]``."""
+    g = gate.to(z.dtype).reshape(-1 if gate.dim() == 2 else 1, z.shape[1], 1, 1)
+    if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
+        return g * z
+    if isinstance(ablate_with, str):  # "resample": each example takes its neighbour's head outputs
+        mu = torch.roll(z, shifts=1, dims=0)
+    else:  # a mean per head, [H, Dh] or per position [H, T, Dh]
+        mu = ablate_with.to(z.dtype)
+        mu = mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]
+    return g * z + (1 - g) * mu
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int, bias: bool, activation: str, rotary: Rotary | None, backend: str) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model, bias=bias)
+        self.attn = Attention(d_model, n_heads, bias, rotary, backend)
+        self.ln2 = nn.LayerNorm(d_model, bias=bias)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp, bias=bias), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model, bias=bias))
+
+
+class ICLTransformer(nn.Module):
+    """GPT-style decoder for ICL tasks.
+
+    Args:
+        vocab_size: number of tokens (token tasks; tied embedding/unembedding when
+            ``tie_embeddings``). Give this or ``input_dim``.
+        input_dim: width of input vectors (vector tasks; linear read-in, read-out to ``output_dim``).
+        output_dim: width of the read-out for vector tasks.
+        d_model, n_layers, n_heads: sizes; ``d_model / n_heads`` must be a head dim the kernel supports.
+        d_mlp: MLP width (default 4 * d_model).
+        max_seq_len: longest sequence accepted.
+        positional: ``"rope"``, ``"learned"`` or ``"none"``.
+        bias: biases in linear layers and layer norms.
+        activation: ``"relu"`` or ``"gelu"``.
+        init_std: std of the normal init; output projections get ``init_std / sqrt(2 n_layers)``.
+        attention_backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``capture_attention``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        input_dim: int = 0,
+        output_dim: int = 1,
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_mlp: int | None = None,
+        max_seq_len: int = 256,
+        positional: str = "rope",
+        bias: bool = False,
+        activation: str = "relu",
+        tie_embeddings: bool = True,
+        init_std: float = 0.02,
+        attention_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if (vocab_size > 0) == (input_dim > 0):
+            raise ValueError(f"give exactly one of vocab_size (token tasks) and input_dim (vector tasks), got vocab_size={vocab_size}, input_dim={input_dim}")
+        for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("max_seq_len", max_seq_len), ("output_dim", output_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_head_dim(d_model // n_heads, argument=f"d_model / n_heads = {d_model}/{n_heads}")
+        if positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
+        self.n_layers, self.n_heads, self.d_model = n_layers, n_heads, d_model
+        self.head_dim, self.max_seq_len = d_model // n_heads, max_seq_len
+        self.is_token_model = vocab_size > 0
+
+        if self.is_token_model:
+            self.embed = nn.Embedding(vocab_size, d_model)
+            self.unembed = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        else:
+            self.read_in = nn.Linear(input_dim, d_model, bias=bias)
+            self.read_out = nn.Linear(d_model, output_dim, bias=bias)
+        self.pos_embed = nn.Embedding(max_seq_len, d_model) if positional == "learned" else None
+        rotary = Rotary(self.head_dim, max_seq_len) if positional == "rope" else None
+        d_mlp = 4 * d_model if d_mlp is None else d_mlp
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, d_mlp, bias, activation, rotary, attention_backend) for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model, bias=bias)
+        self._init_weights(init_std)
+
+    def _init_weights(self, std: float) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # residual-stream writers are scaled down by depth, as in GPT-2
+                scaled = name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight")
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers) if scaled else std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        capture: CaptureSpec | None = None,
+        head_gates: Tensor | None = None,
+        ablate_with: str | Tensor | None = None,
+        key_class: Tensor | None = None,
+        num_classes: int = 0,
+        labels: Tensor | None = None,
+    ) -> tuple[Tensor, Capture | None]:
+        """Run the model.
+
+        Args:
+            inputs: token ids ``[B, T]`` or vectors ``[B, T, input_dim]``.
+            capture: what to keep; ``None`` keeps nothing and returns ``None``.
+            head_gates: ``[L, H]`` or ``[B, L, H]``; head h of layer l contributes
+                ``g * z + (1 - g) * mu`` to its output projection.
+            ablate_with: ``mu``: ``None``/``"zero"``, ``"resample"`` (the z of the
+                previous example in the batch), or a mean tensor ``[L, H, Dh]`` or ``[L, H, T, Dh]``.
+            key_class, num_classes: token classes ``[B, T]`` for the ``class_mass`` statistic.
+            labels: position labels ``[B, T]`` for ``same_label_mass``.
+
+        Returns:
+            ``(outputs, capture)``: logits ``[B, T, vocab]`` or predictions ``[B, T, output_dim]``.
+        """
+        b, t = inputs.shape[:2]
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
+        gates = self._check_gates(head_gates, b)
+        layers = capture.resolve_layers(self.n_layers) if capture is not None else []
+        result = None
+        if capture is not None:
+            result = Capture(positions=capture.resolve_positions(b, t, inputs.device))
+
+        h = self.embed(inputs) if self.is_token_model else self.read_in(inputs)  # [B, T, D]
+        if self.pos_embed is not None:
+            h = h + self.pos_embed.weight[:t]
+        for i, block in enumerate(self.blocks):
+            keep = result is not None and i in layers
+            stats = capture.stats if keep else ()
+            gate = None if gates is None else gates[..., i, :]
+            mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
+            a, z, st = block.attn(block.ln1(h), stats, key_class, num_classes, labels, gate, mu)
+            h = h + a
+            h = h + block.mlp(block.ln2(h))
+            if keep:
+                pos = result.positions
+                if capture.residual:
+                    result.residual[i] = gather_positions(h.detach(), pos, dim=1)
+                if capture.heads:
+                    result.heads[i] = gather_positions(z.detach(), pos, dim=2)
+                if st:
+                    result.stats[i] = {name: gather_positions(val, pos, dim=2) for name, val in st.items()}
+        h = self.ln_f(h)
+        if self.is_token_model:
+            out = F.linear(h, self.embed.weight) if self.unembed is None else self.unembed(h)
+        else:
+            out = self.read_out(h)
+        return out, result
+
+    def _check_gates(self, gates: Tensor | None, batch: int) -> Tensor | None:
+        if gates is None:
+            return None
+        shape = tuple(gates.shape)
+        if shape not in ((self.n_layers, self.n_heads), (batch, self.n_layers, self.n_heads)):
+            raise ValueError(f"head_gates must be [L, H] = {(self.n_layers, self.n_heads)} or [B, L, H], got {shape}")
+        return gates

@@ -1,0 +1,210 @@
+"""``ICLModule``: trains an :class:`ICLTransformer` on any ICL task and logs ICL curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from functools import partial
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_icl.capture import Capture, CaptureSpec
+from lightning_icl.metrics import PerShotMean
+from lightning_icl.models import ICLTransformer
+from lightning_icl.optim import SCHEDULES, decay_groups, lr_factor
+from lightning_icl.tasks.base import TaskInfo
+from lightning_icl.tasks.batch import ICLBatch
+
+
+class ICLModule(L.LightningModule):
+    """Next-token / regression training on the scored positions of ICL sequences.
+
+    Args:
+        task: what the data looks like (a :class:`TaskInfo` or its dict); the CLI fills it
+            in from the DataModule's ``task_info``.
+        d_model, n_layers, n_heads, d_mlp, positional, bias, activation, tie_embeddings,
+            init_std, attention_backend: the :class:`ICLTransformer`.
+        max_seq_len: the model's context (default: the task's sequence length).
+        lr, betas, eps, weight_decay: AdamW (decay on matrices, embeddings included).
+        warmup_steps, warmup_start_factor: linear warm-up from ``warmup_start_factor * lr``.
+        schedule: ``"cosine"`` (down to ``min_lr_factor * lr`` at ``total_steps``) or ``"constant"``.
+        total_steps: length of the cosine (default: ``trainer.max_steps``).
+
+    Logged: ``train/loss`` (and ``train/acc``); per evaluation split ``{stage}/{split}/{metric}``
+    over all shots, ``..._shot0`` and ``..._last``, where metric is ``loss`` and ``acc``
+    (token tasks) or ``mse`` (vector tasks). Full per-shot curves go to
+    ``icl_curves.jsonl`` in the logger's directory.
+    """
+
+    def __init__(
+        self,
+        task: dict | None = None,
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_mlp: int | None = None,
+        max_seq_len: int | None = None,
+        positional: str = "rope",
+        bias: bool = False,
+        activation: str = "relu",
+        tie_embeddings: bool = True,
+        init_std: float = 0.02,
+        attention_backend: str = "auto",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 0,
+        warmup_start_factor: float = 0.01,
+        schedule: str = "cosine",
+        min_lr_factor: float = 0.1,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if task is None:
+            raise ValueError("task is required: pass the DataModule's task_info (the CLI links it from --data)")
+        info = task if isinstance(task, TaskInfo) else TaskInfo(**task)
+        self.save_hyperparameters(ignore=["task"])
+        self.hparams["task"] = asdict(info)  # plain dict, so checkpoints and hparams.yaml stay portable
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if not 0 <= min_lr_factor <= 1:
+            raise ValueError(f"min_lr_factor must lie in [0, 1], got {min_lr_factor}")
+        max_seq_len = info.seq_len if max_seq_len is None else max_seq_len
+        if info.seq_len > max_seq_len:
+            raise ValueError(f"the task's sequences have {info.seq_len} positions, longer than max_seq_len={max_seq_len}")
+        self.task = info
+        self.model = ICLTransformer(
+            vocab_size=info.vocab_size if info.kind == "tokens" else 0,
+            input_dim=info.input_dim if info.kind == "vectors" else 0,
+            d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp, max_seq_len=max_seq_len,
+            positional=positional, bias=bias, activation=activation, tie_embeddings=tie_embeddings,
+            init_std=init_std, attention_backend=attention_backend,
+        )
+        self.is_tokens = info.kind == "tokens"
+        names = ("loss", "acc") if self.is_tokens else ("mse",)
+        self.eval_metrics = nn.ModuleDict({
+            split: nn.ModuleDict({name: PerShotMean(info.num_shots) for name in names}) for split in info.eval_splits
+        })
+        # Callbacks may ask the training step to capture activations; the result is kept here.
+        self.train_capture_spec: CaptureSpec | None = None
+        self.last_capture: Capture | None = None
+        self.last_eval: dict[str, float] = {}
+
+    # ---- forward and loss -------------------------------------------------------------
+    def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
+        extra = {}
+        if capture is not None and capture.stats:
+            extra = {"key_class": batch.token_class, "num_classes": self.task.num_token_classes,
+                     "labels": batch.inputs if self.is_tokens else batch.token_class}
+        return self.model(batch.inputs, capture=capture, **extra, **kwargs)
+
+    def per_position_loss(self, outputs: Tensor, batch: ICLBatch) -> tuple[Tensor, Tensor | None]:
+        """Loss ``[N]`` at the N scored positions (row-major), and correctness ``[N]`` for token tasks."""
+        mask = batch.mask
+        if self.is_tokens:
+            logits, targets = outputs[mask], batch.targets[mask]
+            return F.cross_entropy(logits.float(), targets, reduction="none"), (logits.argmax(-1) == targets).float()
+        pred = outputs[..., 0][mask]
+        return (pred.float() - batch.targets[mask].float()) ** 2, None
+
+    def training_step(self, batch: ICLBatch, batch_idx: int) -> Tensor:
+        outputs, self.last_capture = self(batch, capture=self.train_capture_spec)
+        loss, correct = self.per_position_loss(outputs, batch)
+        loss = loss.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        if correct is not None:
+            self.log("train/acc", correct.mean(), prog_bar=True, batch_size=len(batch))
+        return loss
+
+    # ---- evaluation -------------------------------------------------------------------
+    def _eval_step(self, batch: ICLBatch) -> None:
+        outputs, _ = self(batch)
+        loss, correct = self.per_position_loss(outputs, batch)
+        shot = batch.shot[batch.mask]
+        metrics = self.eval_metrics[batch.split]
+        if self.is_tokens:
+            metrics["loss"].update(loss, shot)
+            metrics["acc"].update(correct, shot)
+        else:
+            metrics["mse"].update(loss, shot)
+
+    def validation_step(self, batch: ICLBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: ICLBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        results, curves = {}, []
+        for split, metrics in self.eval_metrics.items():
+            for name, metric in metrics.items():
+                if not metric.update_called:
+                    continue
+                by_shot = metric.compute()  # synced across ranks
+                seen = (~torch.isnan(by_shot)).nonzero().squeeze(1)
+                prefix = f"{stage}/{split}/{name}"
+                results[prefix] = float(metric.overall())
+                results[f"{prefix}_shot0"] = float(by_shot[seen[0]])
+                results[f"{prefix}_last"] = float(by_shot[seen[-1]])
+                curves.append({"stage": stage, "split": split, "metric": name, "by_shot": [None if math.isnan(v) else v for v in by_shot.tolist()]})
+                metric.reset()
+        if not results or self.trainer.sanity_checking:
+            return
+        for key, value in results.items():
+            self.log(key, value, sync_dist=False, add_dataloader_idx=False)
+        self.last_eval = results
+        self._append_curves(curves)
+
+    def _append_curves(self, curves: list[dict]) -> None:
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if log_dir is None or self.trainer.global_rank != 0:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "icl_curves.jsonl"), "a") as f:
+            for row in curves:
+                f.write(json.dumps({"step": self.global_step, **row}) + "\n")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def on_fit_end(self) -> None:
+        if self.last_eval:
+            rank_zero_info(summarize(self.last_eval))
+
+    # ---- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = hp.total_steps or self.trainer.max_steps
+        if hp.schedule == "cosine" and (total is None or total < 1):
+            raise ValueError("the cosine schedule needs total_steps or trainer.max_steps")
+        factor = partial(
+            lr_factor, warmup_steps=hp.warmup_steps, total_steps=total or 1,
+            warmup_start_factor=hp.warmup_start_factor, min_lr_factor=hp.min_lr_factor, schedule=hp.schedule,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def summarize(results: dict[str, float]) -> str:
+    """One line per split and metric: overall, zero-shot and last-shot values."""
+    lines = ["ICL summary (value over all shots | first shot -> last shot):"]
+    for key in sorted(k for k in results if not k.endswith(("_shot0", "_last"))):
+        lines.append(f"  {key:<28} {results[key]:8.4f} | {results[key + '_shot0']:8.4f} -> {results[key + '_last']:8.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Modular arithmetic ICL (He et al. 2024): z = a*x + b*y mod p, task (a, b) never shown.
+
+A sequence holds ``num_shots`` examples ``x y z`` of one task, one token per number.
+The model reads ``tokens[:-1]``, predicts ``tokens[1:]``, and is scored on z only.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .base import ICLDataModule, Sampler, TaskInfo, check_positive, generator_for
+from .batch import ICLBatch
+
+TASK_RULES = ("rectangular", "random")
+EVAL_SPLITS = ("id_seen", "id_unseen", "ood_seen", "ood_unseen")
+"""i.d./OOD tasks x (x, y) pairs from the training/held-out part of the alpha split."""
+
+
+def is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def rectangular_task_set(p: int, num_tasks: int, generator: torch.Generator, max_tries: int = 100_000) -> Tensor:
+    """``[num_tasks, 2]`` distinct tasks by the rectangular rule.
+
+    Draw a random (a, b), pick x not in {a, b} and y not in {a, b, x}, and add the
+    rectangle (a, b), (a, y), (x, b), (x, y); rectangles sharing a task with the
+    set so far are skipped. ``num_tasks`` must be a multiple of 4.
+    """
+    chosen: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for _ in range(max_tries):
+        if len(chosen) == num_tasks:
+            break
+        a, b = torch.randint(p, (2,), generator=generator).tolist()
+        x_choices = [c for c in range(p) if c not in (a, b)]
+        x = x_choices[int(torch.randint(len(x_choices), (1,), generator=generator))]
+        y_choices = [c for c in range(p) if c not in (a, b, x)]
+        if not y_choices:
+            continue
+        y = y_choices[int(torch.randint(len(y_choices), (1,), generator=generator))]
+        rect = [(a, b), (a, y), (x, b), (x, y)]
+        if any(t in seen for t in rect):
+            continue
+        chosen.extend(rect)
+        seen.update(rect)
+    if len(chosen) != num_tasks:
+        raise ValueError(f"num_tasks={num_tasks}: could not place that many tasks by the rectangular rule for p={p}")
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def random_task_set(p: int, num_tasks: int, generator: torch.Generator) -> Tensor:
+    """``[num_tasks, 2]`` distinct tasks drawn uniformly from Z_p^2."""
+    flat = torch.randperm(p * p, generator=generator)[:num_tasks]
+    return torch.stack([flat // p, flat % p], dim=1)
+
+
+def ood_task_set(p: int, id_tasks: Tensor, max_tasks: int, generator: torch.Generator) -> Tensor:
+    """``[<=max_tasks, 2]``: tasks not in ``id_tasks``, shuffled."""
+    taken = torch.zeros(p * p, dtype=torch.bool)
+    taken[id_tasks[:, 0] * p + id_tasks[:, 1]] = True
+    rest = (~taken).nonzero().squeeze(1)
+    rest = rest[torch.randperm(rest.numel(), generator=generator)][:max_tasks]
+    return torch.stack([rest // p, rest % p], dim=1)
+
+
+def split_inputs(p: int, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The p^2 (x, y) pairs shuffled once; the first round(alpha p^2) are seen in training."""
+    flat = torch.randperm(p * p, generator=generator)
+    pairs = torch.stack([flat // p, flat % p], dim=1)
+    n_train = round(alpha * p * p)
+    return pairs[:n_train], pairs[n_train:]
+
+
+def sample_sequences(tasks: Tensor, pairs: Tensor, num_shots: int, p: int, generator: torch.Generator, split: str) -> ICLBatch:
+    """One batch: sequence i uses task ``tasks[i]`` and ``num_shots`` (x, y) drawn from ``pairs``."""
+    n = tasks.shape[0]
+    pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator)
+    x, y = pairs[pick, 0], pairs[pick, 1]  # [B, K]
+    z = (tasks[:, :1] * x + tasks[:, 1:] * y) % p
+    tokens = torch.stack([x, y, z], dim=2).reshape(n, 3 * num_shots)  # [B, 3K]: x y z x y z ...
+    t = 3 * num_shots - 1
+    pos = torch.arange(t)
+    scored = (pos % 3 == 1).expand(n, t)  # target tokens[t+1] is a z
+    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1))
+    return ICLBatch(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        mask=scored.clone(),
+        concept=tasks[:, 0] * p + tasks[:, 1],
+        shot=shot,
+        token_class=(pos % 3).expand(n, t).clone(),
+        split=split,
+    )
+
+
+class ModularArithmeticDataModule(ICLDataModule):
+    """He et al. 2024 modular arithmetic ICL.
+
+    Args:
+        p: the prime modulus; numbers are tokens 0..p-1.
+        num_tasks: n_i.d., the number of pre-training tasks (a, b).
+        task_rule: ``"rectangular"`` (multiple of 4 tasks in rectangles) or ``"random"``.
+        num_ood_tasks: at most this many held-out tasks for the OOD splits.
+        alpha: fraction of the p^2 (x, y) pairs seen in training.
+        num_shots: examples per sequence (sequence length 3*num_shots - 1).
+        batch_size: training sequences per batch.
+        balanced: every training batch holds batch_size/num_tasks sequences of each task.
+        eval_batch_size: sequences per evaluation batch (default: batch_size).
+        num_eval_batches: batches per evaluation split.
+        seed: fixes the task sets, the alpha split and every batch.
+
+    The concept label of a sequence is ``a*p + b``. Evaluation splits:
+    ``id_seen``, ``id_unseen``, ``ood_seen``, ``ood_unseen`` (empty ones are dropped).
+    """
+
+    def __init__(
+        self,
+        p: int = 29,
+        num_tasks: int = 512,
+        task_rule: str = "rectangular",
+        num_ood_tasks: int = 256,
+        alpha: float = 0.6,
+        num_shots: int = 32,
+        batch_size: int = 1024,
+        balanced: bool = True,
+        eval_batch_size: int | None = None,
+        num_eval_batches: int = 4,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, num_eval_batches, num_workers)
+        if not isinstance(p, int) or not is_prime(p):
+            raise ValueError(f"p must be a prime, got {p!r}")
+        if task_rule not in TASK_RULES:
+            raise ValueError(f"task_rule must be one of {TASK_RULES}, got {task_rule!r}")
+        check_positive("num_tasks", num_tasks)
+        if num_tasks > p * p:
+            raise ValueError(f"num_tasks={num_tasks} is larger than the task space p^2={p * p}")
+        if task_rule == "rectangular" and num_tasks % 4:
+            raise ValueError(f"num_tasks must be a multiple of 4 with task_rule='rectangular', got {num_tasks}")
+        check_positive("num_ood_tasks", num_ood_tasks, minimum=0)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        if round(alpha * p * p) < 1:
+            raise ValueError(f"alpha={alpha} leaves no (x, y) pair for training with p={p}")
+        check_positive("num_shots", num_shots)
+        if balanced and batch_size % num_tasks:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of num_tasks={num_tasks} when balanced=True")
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        check_positive("eval_batch_size", self.eval_batch_size)
+        self.p, self.num_shots, self.balanced = p, num_shots, balanced
+        self.save_hyperparameters()
+
+        build = rectangular_task_set if task_rule == "rectangular" else random_task_set
+        self.id_tasks = build(p, num_tasks, generator_for(seed, "id_tasks"))
+        self.ood_tasks = ood_task_set(p, self.id_tasks, num_ood_tasks, generator_for(seed, "ood_tasks"))
+        self.train_pairs, self.test_pairs = split_inputs(p, alpha, generator_for(seed, "alpha_split"))
+
+    @property
+    def task_info(self) -> TaskInfo:
+        return TaskInfo(
+            kind="tokens",
+            seq_len=3 * self.num_shots - 1,
+            num_shots=self.num_shots,
+            vocab_size=self.p,
+            num_token_classes=3,
+            num_concepts=self.p * self.p,
+            eval_splits=list(self.eval_samplers()),
+        )
+
+    def train_sampler(self) -> Sampler:
+        return partial(
+            _train_batch, tasks=self.id_tasks, pairs=self.train_pairs, num_shots=self.num_shots,
+            p=self.p, batch_size=self.batch_size, balanced=self.balanced,
+        )
+
+    def eval_samplers(self) -> dict[str, Sampler]:
+        sources = {
+            "id_seen": (self.id_tasks, self.train_pairs),
+            "id_unseen": (self.id_tasks, self.test_pairs),
+            "ood_seen": (self.ood_tasks, self.train_pairs),
+            "ood_unseen": (self.ood_tasks, self.test_pairs),
+        }
+        return {
+            name: partial(
+                _eval_batch, name=name, tasks=tasks, pairs=pairs, num_shots=self.num_shots,
+                p=self.p, batch_size=self.eval_batch_size,
+            )
+            for name, (tasks, pairs) in sources.items()
+            if tasks.shape[0] and pairs.shape[0]
+        }
+
+
+def _train_batch(
+    gen: torch.Generator, index: int, *, tasks: Tensor, pairs: Tensor, num_shots: int, p: int, batch_size: int, balanced: bool
+) -> ICLBatch:
+    if balanced:
+        chosen = tasks.repeat_interleave(batch_size // tasks.shape[0], dim=0)
+    else:
+        chosen = tasks[torch.randint(tasks.shape[0], (batch_size,), generator=gen)]
+    return sample_sequences(chosen, pairs, num_shots, p, gen, "train")
+
+
+def _eval_batch(
+    gen: torch.Generator, index: int, *, name: str, tasks: Tensor, pairs: Tensor, num_shots: int, p: int, batch_size: int
+) -> ICLBatch:
+    # cycle through the task set so that every task is evaluated equally often
+    chosen = tasks[(index * batch_size + torch.arange(batch_size)) % tasks.shape[0]]
+    return sample_sequences(chosen, pairs, num_shots, p, gen, name)
