@@ -184,9 +184,9 @@ class LinearRegressionDataModule(ICLDataModule):
             check_positive(name, value)
         check_positive("dim_increment", dim_increment, minimum=0)
         check_positive("points_increment", points_increment, minimum=0)
-        if dim_start > dim:
+        if curriculum and dim_start > dim:
             raise ValueError(f"dim_start={dim_start} is larger than dim={dim}")
-        if points_start > num_points:
+        if curriculum and points_start > num_points:
             raise ValueError(f"points_start={points_start} is larger than num_points={num_points}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
