@@ -52,7 +52,9 @@ def _check_inputs(
         if key_class.shape != (b, t_k):
             raise ValueError(f"key_class must be [B, Tk] = {(b, t_k)}, got {tuple(key_class.shape)}")
         if key_class.numel() and (int(key_class.min()) < 0 or int(key_class.max()) >= num_classes):
-            raise ValueError(f"key_class values must lie in [0, {num_classes}), got [{int(key_class.min())}, {int(key_class.max())}]")
+            raise ValueError(
+                f"key_class values must lie in [0, {num_classes}), got [{int(key_class.min())}, {int(key_class.max())}]"
+            )
     if "same_label_mass" in stats:
         if q.shape[2] != t_k:
             raise ValueError("stats 'same_label_mass' needs self-attention (Tq == Tk)")
@@ -99,15 +101,24 @@ def capture_attention(
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
         return out, {}
     return attention_reference(
-        q, k, v, causal=causal, sm_scale=sm_scale, stats=stats,
-        key_class=key_class, num_classes=num_classes, query_label=query_label,
+        q,
+        k,
+        v,
+        causal=causal,
+        sm_scale=sm_scale,
+        stats=stats,
+        key_class=key_class,
+        num_classes=num_classes,
+        query_label=query_label,
     )
 
 
 def check_head_dim(head_dim: int, argument: str = "head_dim") -> None:
     """Raise a ValueError naming ``argument`` if the fused kernel cannot run ``head_dim``."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{argument} gives a head dimension of {head_dim}; the attention kernel supports {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(
+            f"{argument} gives a head dimension of {head_dim}; the attention kernel supports {SUPPORTED_HEAD_DIMS}"
+        )
 
 
 __all__ = ["BACKENDS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_STATS", "capture_attention", "check_head_dim"]

@@ -44,7 +44,7 @@ def attention_reference(
     Scores are computed in fp32 (fp64 for fp64 inputs); ``out`` has q's dtype and
     is differentiable; statistics are fp32 and detached.
     """
-    b, h, t_q, d = q.shape
+    t_q, d = q.shape[2], q.shape[3]
     t_k = k.shape[2]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -39,9 +39,16 @@ class CaptureSpec:
         if unknown:
             raise ValueError(f"CaptureSpec stats {unknown} unknown; choose from {SUPPORTED_STATS}")
         if isinstance(self.positions, str) and self.positions not in POSITION_MODES:
-            raise ValueError(f"CaptureSpec positions must be one of {POSITION_MODES} or an index tensor, got {self.positions!r}")
-        if isinstance(self.positions, Tensor) and (self.positions.dim() not in (1, 2) or self.positions.is_floating_point()):
-            raise ValueError(f"CaptureSpec positions tensor must be integer [P] or [B, P], got {self.positions.dtype} {tuple(self.positions.shape)}")
+            raise ValueError(
+                f"CaptureSpec positions must be one of {POSITION_MODES} or an index tensor, got {self.positions!r}"
+            )
+        if isinstance(self.positions, Tensor) and (
+            self.positions.dim() not in (1, 2) or self.positions.is_floating_point()
+        ):
+            raise ValueError(
+                "CaptureSpec positions tensor must be integer [P] or [B, P], "
+                f"got {self.positions.dtype} {tuple(self.positions.shape)}"
+            )
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
@@ -56,11 +63,17 @@ class CaptureSpec:
     def resolve_positions(self, batch: int, seq_len: int, device: torch.device) -> Tensor:
         """``[B, P]`` position indices."""
         if isinstance(self.positions, str):
-            idx = torch.arange(seq_len, device=device) if self.positions == "all" else torch.tensor([seq_len - 1], device=device)
+            idx = (
+                torch.arange(seq_len, device=device)
+                if self.positions == "all"
+                else torch.tensor([seq_len - 1], device=device)
+            )
         else:
             idx = self.positions.to(device=device, dtype=torch.long)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len):
-            raise ValueError(f"CaptureSpec positions must lie in [0, {seq_len}), got [{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(
+                f"CaptureSpec positions must lie in [0, {seq_len}), got [{int(idx.min())}, {int(idx.max())}]"
+            )
         if idx.dim() == 1:
             idx = idx.expand(batch, -1)
         if idx.shape[0] != batch:

@@ -84,20 +84,30 @@ class ICLModule(L.LightningModule):
             raise ValueError(f"min_lr_factor must lie in [0, 1], got {min_lr_factor}")
         max_seq_len = info.seq_len if max_seq_len is None else max_seq_len
         if info.seq_len > max_seq_len:
-            raise ValueError(f"the task's sequences have {info.seq_len} positions, longer than max_seq_len={max_seq_len}")
+            raise ValueError(
+                f"the task's sequences have {info.seq_len} positions, longer than max_seq_len={max_seq_len}"
+            )
         self.task = info
         self.model = ICLTransformer(
             vocab_size=info.vocab_size if info.kind == "tokens" else 0,
             input_dim=info.input_dim if info.kind == "vectors" else 0,
-            d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp, max_seq_len=max_seq_len,
-            positional=positional, bias=bias, activation=activation, tie_embeddings=tie_embeddings,
-            init_std=init_std, attention_backend=attention_backend,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_mlp=d_mlp,
+            max_seq_len=max_seq_len,
+            positional=positional,
+            bias=bias,
+            activation=activation,
+            tie_embeddings=tie_embeddings,
+            init_std=init_std,
+            attention_backend=attention_backend,
         )
         self.is_tokens = info.kind == "tokens"
         names = ("loss", "acc") if self.is_tokens else ("mse",)
-        self.eval_metrics = nn.ModuleDict({
-            split: nn.ModuleDict({name: PerShotMean(info.num_shots) for name in names}) for split in info.eval_splits
-        })
+        self.eval_metrics = nn.ModuleDict(
+            {split: nn.ModuleDict({name: PerShotMean(info.num_shots) for name in names}) for split in info.eval_splits}
+        )
         # Callbacks may ask the training step to capture activations; the result is kept here.
         self.train_capture_spec: CaptureSpec | None = None
         self.last_capture: Capture | None = None
@@ -107,8 +117,11 @@ class ICLModule(L.LightningModule):
     def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
         extra = {}
         if capture is not None and capture.stats:
-            extra = {"key_class": batch.token_class, "num_classes": self.task.num_token_classes,
-                     "labels": batch.inputs if self.is_tokens else batch.token_class}
+            extra = {
+                "key_class": batch.token_class,
+                "num_classes": self.task.num_token_classes,
+                "labels": batch.inputs if self.is_tokens else batch.token_class,
+            }
         return self.model(batch.inputs, capture=capture, **extra, **kwargs)
 
     def per_position_loss(self, outputs: Tensor, batch: ICLBatch) -> tuple[Tensor, Tensor | None]:
@@ -159,7 +172,14 @@ class ICLModule(L.LightningModule):
                 results[prefix] = float(metric.overall())
                 results[f"{prefix}_shot0"] = float(by_shot[seen[0]])
                 results[f"{prefix}_last"] = float(by_shot[seen[-1]])
-                curves.append({"stage": stage, "split": split, "metric": name, "by_shot": [None if math.isnan(v) else v for v in by_shot.tolist()]})
+                curves.append(
+                    {
+                        "stage": stage,
+                        "split": split,
+                        "metric": name,
+                        "by_shot": [None if math.isnan(v) else v for v in by_shot.tolist()],
+                    }
+                )
                 metric.reset()
         if not results or self.trainer.sanity_checking:
             return
@@ -190,13 +210,19 @@ class ICLModule(L.LightningModule):
     # ---- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        optimizer = torch.optim.AdamW(
+            decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
+        )
         total = hp.total_steps or self.trainer.max_steps
         if hp.schedule == "cosine" and (total is None or total < 1):
             raise ValueError("the cosine schedule needs total_steps or trainer.max_steps")
         factor = partial(
-            lr_factor, warmup_steps=hp.warmup_steps, total_steps=total or 1,
-            warmup_start_factor=hp.warmup_start_factor, min_lr_factor=hp.min_lr_factor, schedule=hp.schedule,
+            lr_factor,
+            warmup_steps=hp.warmup_steps,
+            total_steps=total or 1,
+            warmup_start_factor=hp.warmup_start_factor,
+            min_lr_factor=hp.min_lr_factor,
+            schedule=hp.schedule,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -206,5 +232,7 @@ def summarize(results: dict[str, float]) -> str:
     """One line per split and metric: overall, zero-shot and last-shot values."""
     lines = ["ICL summary (value over all shots | first shot -> last shot):"]
     for key in sorted(k for k in results if not k.endswith(("_shot0", "_last"))):
-        lines.append(f"  {key:<28} {results[key]:8.4f} | {results[key + '_shot0']:8.4f} -> {results[key + '_last']:8.4f}")
+        lines.append(
+            f"  {key:<28} {results[key]:8.4f} | {results[key + '_shot0']:8.4f} -> {results[key + '_last']:8.4f}"
+        )
     return "\n".join(lines)

@@ -9,7 +9,9 @@ from torch import nn
 SCHEDULES = ("cosine", "constant")
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, warmup_start_factor: float, min_lr_factor: float, schedule: str) -> float:
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, warmup_start_factor: float, min_lr_factor: float, schedule: str
+) -> float:
     """Multiplier of the base learning rate at ``step``.
 
     Linear warm-up from ``warmup_start_factor`` to 1 over ``warmup_steps``, then

@@ -11,7 +11,7 @@ from collections import defaultdict
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def read_metrics_csv(path: str) -> dict[str, list[tuple[int, float]]]:
@@ -78,7 +78,9 @@ def plot_icl_curves(rows: list[dict], out: str, stage: str = "val", max_steps_sh
             for r in rows:
                 if r["step"] == step and r["metric"] == metric and r["split"] == split:
                     ys = [math.nan if v is None else v for v in r["by_shot"]]
-                    ax.plot(range(len(ys)), ys, marker=".", color=cmap(i / max(1, len(steps) - 1)), label=f"step {step}")
+                    ax.plot(
+                        range(len(ys)), ys, marker=".", color=cmap(i / max(1, len(steps) - 1)), label=f"step {step}"
+                    )
         ax.set_title(f"{split}: {metric} per shot")
         ax.set_xlabel("shot (examples before the answer)")
         ax.set_ylabel(metric)

@@ -24,9 +24,16 @@ def tiny_module(data, **overrides) -> ICLModule:
 
 def trainer_kwargs(tmp_path, **overrides) -> dict:
     kwargs = dict(
-        accelerator="cpu", devices=1, max_steps=20, val_check_interval=10, check_val_every_n_epoch=None,
-        limit_val_batches=2, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(tmp_path), log_every_n_steps=5,
+        accelerator="cpu",
+        devices=1,
+        max_steps=20,
+        val_check_interval=10,
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=5,
     )
     kwargs.update(overrides)
     return kwargs

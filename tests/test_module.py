@@ -4,10 +4,10 @@ import os
 import lightning as L
 import pytest
 import torch
+from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl import ICLModule, SparseLinearRegressionDataModule
 from lightning_icl.metrics import PerShotMean, per_shot_mean
 from lightning_icl.optim import lr_factor
@@ -77,7 +77,8 @@ def test_short_fit_learns_in_context_and_logs_curves(tmp_path):
     assert res["val/id_seen/acc_last"] > 0.8
     assert res["val/id_seen/acc_last"] > res["val/id_seen/acc_shot0"] + 0.25
     assert res["val/id_seen/loss"] < 1.0
-    rows = [json.loads(line) for line in open(os.path.join(logger.log_dir, "icl_curves.jsonl"))]
+    with open(os.path.join(logger.log_dir, "icl_curves.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     assert {r["step"] for r in rows} == {400, 800}
     assert {(r["split"], r["metric"]) for r in rows} >= {("id_seen", "acc"), ("ood_unseen", "loss")}
     assert all(len(r["by_shot"]) == 12 for r in rows)
@@ -96,7 +97,9 @@ def _fit(tmp_path, max_steps, ckpt_path=None, callbacks=()):
     L.seed_everything(0)
     data = tiny_modular()
     module = tiny_module(data)
-    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, val_check_interval=10, logger=False, callbacks=list(callbacks)))
+    trainer = L.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=max_steps, val_check_interval=10, logger=False, callbacks=list(callbacks))
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
 

@@ -11,7 +11,9 @@ def per_shot_sums(values: Tensor, shot: Tensor, num_shots: int) -> tuple[Tensor,
     """Sum and count of ``values`` ``[N]`` per shot index ``shot`` ``[N]`` (in ``[0, num_shots)``)."""
     shot = shot.long()
     total = torch.zeros(num_shots, dtype=torch.float64, device=values.device).index_add_(0, shot, values.double())
-    count = torch.zeros(num_shots, dtype=torch.float64, device=values.device).index_add_(0, shot, torch.ones_like(values, dtype=torch.float64))
+    count = torch.zeros(num_shots, dtype=torch.float64, device=values.device).index_add_(
+        0, shot, torch.ones_like(values, dtype=torch.float64)
+    )
     return total, count
 
 

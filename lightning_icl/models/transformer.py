@@ -63,8 +63,15 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         z, st = capture_attention(
-            q, k, v, causal=True, stats=stats, key_class=key_class, num_classes=num_classes,
-            query_label=labels, backend=self.backend,
+            q,
+            k,
+            v,
+            causal=True,
+            stats=stats,
+            key_class=key_class,
+            num_classes=num_classes,
+            query_label=labels,
+            backend=self.backend,
         )  # z: [B, H, T, Dh]
         y = z if gate is None else _gate_heads(z, gate, ablate_with)
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), z, st
@@ -84,12 +91,16 @@ def _gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Te
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_mlp: int, bias: bool, activation: str, rotary: Rotary | None, backend: str) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, d_mlp: int, bias: bool, activation: str, rotary: Rotary | None, backend: str
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model, bias=bias)
         self.attn = Attention(d_model, n_heads, bias, rotary, backend)
         self.ln2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp, bias=bias), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model, bias=bias))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_mlp, bias=bias), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model, bias=bias)
+        )
 
 
 class ICLTransformer(nn.Module):
@@ -129,8 +140,17 @@ class ICLTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if (vocab_size > 0) == (input_dim > 0):
-            raise ValueError(f"give exactly one of vocab_size (token tasks) and input_dim (vector tasks), got vocab_size={vocab_size}, input_dim={input_dim}")
-        for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("max_seq_len", max_seq_len), ("output_dim", output_dim)):
+            raise ValueError(
+                "give exactly one of vocab_size (token tasks) and input_dim (vector tasks), "
+                f"got vocab_size={vocab_size}, input_dim={input_dim}"
+            )
+        for name, value in (
+            ("d_model", d_model),
+            ("n_layers", n_layers),
+            ("n_heads", n_heads),
+            ("max_seq_len", max_seq_len),
+            ("output_dim", output_dim),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if d_model % n_heads:

@@ -76,7 +76,9 @@ def split_inputs(p: int, alpha: float, generator: torch.Generator) -> tuple[Tens
     return pairs[:n_train], pairs[n_train:]
 
 
-def sample_sequences(tasks: Tensor, pairs: Tensor, num_shots: int, p: int, generator: torch.Generator, split: str) -> ICLBatch:
+def sample_sequences(
+    tasks: Tensor, pairs: Tensor, num_shots: int, p: int, generator: torch.Generator, split: str
+) -> ICLBatch:
     """One batch: sequence i uses task ``tasks[i]`` and ``num_shots`` (x, y) drawn from ``pairs``."""
     n = tasks.shape[0]
     pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator)
@@ -175,8 +177,13 @@ class ModularArithmeticDataModule(ICLDataModule):
 
     def train_sampler(self) -> Sampler:
         return partial(
-            _train_batch, tasks=self.id_tasks, pairs=self.train_pairs, num_shots=self.num_shots,
-            p=self.p, batch_size=self.batch_size, balanced=self.balanced,
+            _train_batch,
+            tasks=self.id_tasks,
+            pairs=self.train_pairs,
+            num_shots=self.num_shots,
+            p=self.p,
+            batch_size=self.batch_size,
+            balanced=self.balanced,
         )
 
     def eval_samplers(self) -> dict[str, Sampler]:
@@ -188,8 +195,13 @@ class ModularArithmeticDataModule(ICLDataModule):
         }
         return {
             name: partial(
-                _eval_batch, name=name, tasks=tasks, pairs=pairs, num_shots=self.num_shots,
-                p=self.p, batch_size=self.eval_batch_size,
+                _eval_batch,
+                name=name,
+                tasks=tasks,
+                pairs=pairs,
+                num_shots=self.num_shots,
+                p=self.p,
+                batch_size=self.eval_batch_size,
             )
             for name, (tasks, pairs) in sources.items()
             if tasks.shape[0] and pairs.shape[0]
@@ -197,7 +209,15 @@ class ModularArithmeticDataModule(ICLDataModule):
 
 
 def _train_batch(
-    gen: torch.Generator, index: int, *, tasks: Tensor, pairs: Tensor, num_shots: int, p: int, batch_size: int, balanced: bool
+    gen: torch.Generator,
+    index: int,
+    *,
+    tasks: Tensor,
+    pairs: Tensor,
+    num_shots: int,
+    p: int,
+    batch_size: int,
+    balanced: bool,
 ) -> ICLBatch:
     if balanced:
         chosen = tasks.repeat_interleave(batch_size // tasks.shape[0], dim=0)
@@ -207,7 +227,15 @@ def _train_batch(
 
 
 def _eval_batch(
-    gen: torch.Generator, index: int, *, name: str, tasks: Tensor, pairs: Tensor, num_shots: int, p: int, batch_size: int
+    gen: torch.Generator,
+    index: int,
+    *,
+    name: str,
+    tasks: Tensor,
+    pairs: Tensor,
+    num_shots: int,
+    p: int,
+    batch_size: int,
 ) -> ICLBatch:
     # cycle through the task set so that every task is evaluated equally often
     chosen = tasks[(index * batch_size + torch.arange(batch_size)) % tasks.shape[0]]

@@ -94,7 +94,10 @@ class SparseLinearRegressionDataModule(ICLDataModule):
         if rank > dim:
             raise ValueError(f"rank={rank} is larger than dim={dim}")
         if not overlapping and num_bases * rank > dim:
-            raise ValueError(f"num_bases * rank = {num_bases * rank} disjoint coordinates do not fit in dim={dim}; set overlapping=True")
+            raise ValueError(
+                f"num_bases * rank = {num_bases * rank} disjoint coordinates do not fit in dim={dim}; "
+                "set overlapping=True"
+            )
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -106,14 +109,23 @@ class SparseLinearRegressionDataModule(ICLDataModule):
     @property
     def task_info(self) -> TaskInfo:
         return TaskInfo(
-            kind="vectors", seq_len=2 * self.num_shots, num_shots=self.num_shots, input_dim=self.dim,
-            num_token_classes=2, num_concepts=self.bases.shape[0], eval_splits=["all"],
+            kind="vectors",
+            seq_len=2 * self.num_shots,
+            num_shots=self.num_shots,
+            input_dim=self.dim,
+            num_token_classes=2,
+            num_concepts=self.bases.shape[0],
+            eval_splits=["all"],
         )
 
     def _sampler(self, batch_size: int, split: str) -> Sampler:
         return partial(
-            sample_sparse_regression, bases=self.bases, num_shots=self.num_shots,
-            noise_std=self.noise_std, batch_size=batch_size, split=split,
+            sample_sparse_regression,
+            bases=self.bases,
+            num_shots=self.num_shots,
+            noise_std=self.noise_std,
+            batch_size=batch_size,
+            split=split,
         )
 
     def train_sampler(self) -> Sampler:
@@ -155,8 +167,9 @@ def sample_linear_regression(
 class LinearRegressionDataModule(ICLDataModule):
     """Garg et al. 2022 dense linear regression, with its curriculum.
 
-    Training batch ``i`` (= optimizer step ``i``) uses ``min(dim, dim_start + dim_increment * (i // curriculum_interval))``
-    active dimensions and likewise for the number of points; evaluation always uses
+    Training batch ``i`` (= optimizer step ``i``) uses
+    ``min(dim, dim_start + dim_increment * (i // curriculum_interval))`` active
+    dimensions and likewise for the number of points; evaluation always uses
     the full ``dim`` and ``num_points`` (split ``full``). The concept label is the
     coordinate of w with the largest magnitude, a discrete summary of the latent task.
     """
@@ -179,8 +192,13 @@ class LinearRegressionDataModule(ICLDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, seed, num_eval_batches, num_workers)
-        for name, value in (("dim", dim), ("num_points", num_points), ("dim_start", dim_start),
-                            ("points_start", points_start), ("curriculum_interval", curriculum_interval)):
+        for name, value in (
+            ("dim", dim),
+            ("num_points", num_points),
+            ("dim_start", dim_start),
+            ("points_start", points_start),
+            ("curriculum_interval", curriculum_interval),
+        ):
             check_positive(name, value)
         check_positive("dim_increment", dim_increment, minimum=0)
         check_positive("points_increment", points_increment, minimum=0)
@@ -193,24 +211,45 @@ class LinearRegressionDataModule(ICLDataModule):
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         check_positive("eval_batch_size", self.eval_batch_size)
         self.dim, self.num_points, self.noise_std = dim, num_points, noise_std
-        self.schedule = (dim_start, dim_increment, points_start, points_increment, curriculum_interval, dim, num_points) if curriculum else None
+        self.schedule = (
+            (dim_start, dim_increment, points_start, points_increment, curriculum_interval, dim, num_points)
+            if curriculum
+            else None
+        )
         self.save_hyperparameters()
 
     @property
     def task_info(self) -> TaskInfo:
         return TaskInfo(
-            kind="vectors", seq_len=2 * self.num_points, num_shots=self.num_points, input_dim=self.dim,
-            num_token_classes=2, num_concepts=self.dim, eval_splits=["full"],
+            kind="vectors",
+            seq_len=2 * self.num_points,
+            num_shots=self.num_points,
+            input_dim=self.dim,
+            num_token_classes=2,
+            num_concepts=self.dim,
+            eval_splits=["full"],
         )
 
     def train_sampler(self) -> Sampler:
         return partial(
-            sample_linear_regression, dim=self.dim, num_points=self.num_points, curriculum=self.schedule,
-            noise_std=self.noise_std, batch_size=self.batch_size, split="train",
+            sample_linear_regression,
+            dim=self.dim,
+            num_points=self.num_points,
+            curriculum=self.schedule,
+            noise_std=self.noise_std,
+            batch_size=self.batch_size,
+            split="train",
         )
 
     def eval_samplers(self) -> dict[str, Sampler]:
-        return {"full": partial(
-            sample_linear_regression, dim=self.dim, num_points=self.num_points, curriculum=None,
-            noise_std=self.noise_std, batch_size=self.eval_batch_size, split="full",
-        )}
+        return {
+            "full": partial(
+                sample_linear_regression,
+                dim=self.dim,
+                num_points=self.num_points,
+                curriculum=None,
+                noise_std=self.noise_std,
+                batch_size=self.eval_batch_size,
+                split="full",
+            )
+        }

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from lightning_icl.kernels import SUPPORTED_STATS, attention_reference, capture_attention
 
 ALL = SUPPORTED_STATS
@@ -45,7 +44,9 @@ def test_reference_matches_naive_for_output_and_every_statistic(t, causal, strid
     q, k, v = inputs(b, h, t, d, strided=strided)
     key_class = torch.randint(c, (b, t), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(4, (b, t), generator=torch.Generator().manual_seed(2))
-    out, stats = capture_attention(q, k, v, causal=causal, stats=ALL, key_class=key_class, num_classes=c, query_label=labels, backend="torch")
+    out, stats = capture_attention(
+        q, k, v, causal=causal, stats=ALL, key_class=key_class, num_classes=c, query_label=labels, backend="torch"
+    )
     ref_out, ref = naive(q, k, v, causal, key_class, c, labels)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
@@ -112,7 +113,10 @@ def test_custom_scale():
         (dict(v=torch.randn(2, 2, 5, 32)), "k and v must have the same shape"),
         (dict(stats=("attention_pattern",)), "unknown statistics"),
         (dict(stats=("class_mass",)), "needs key_class"),
-        (dict(stats=("class_mass",), key_class=torch.full((2, 5), 3), num_classes=3), "key_class values must lie in \\[0, 3\\)"),
+        (
+            dict(stats=("class_mass",), key_class=torch.full((2, 5), 3), num_classes=3),
+            "key_class values must lie in \\[0, 3\\)",
+        ),
         (dict(stats=("same_label_mass",)), "needs query_label"),
         (dict(backend="cuda"), "backend must be one of"),
     ],

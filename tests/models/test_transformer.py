@@ -19,7 +19,13 @@ def test_capture_shapes_and_positions():
     model = token_model()
     x = tokens()
     kc = (torch.arange(23) % 3).expand(4, 23)
-    spec = CaptureSpec(layers=[0, -1], residual=True, heads=True, stats=("lse", "entropy", "class_mass"), positions=torch.tensor([1, 4, 22]))
+    spec = CaptureSpec(
+        layers=[0, -1],
+        residual=True,
+        heads=True,
+        stats=("lse", "entropy", "class_mass"),
+        positions=torch.tensor([1, 4, 22]),
+    )
     out, cap = model(x, capture=spec, key_class=kc, num_classes=3)
     assert out.shape == (4, 23, 11)
     assert set(cap.residual) == set(cap.heads) == set(cap.stats) == {0, 2}
@@ -109,7 +115,9 @@ def test_mean_and_resample_ablation_match_replacing_by_hand():
     torch.testing.assert_close(out_mean_t, run_with_head_replaced(model, x, 1, 1, mean_t[1, 1]))
     # resample: example i takes example i-1's z of that head (z of a clean run, as layer 0 is upstream)
     out_res, _ = model(x, head_gates=gates, ablate_with="resample")
-    torch.testing.assert_close(out_res, run_with_head_replaced(model, x, 1, 1, torch.roll(cap.heads[1][:, 1], 1, dims=0)))
+    torch.testing.assert_close(
+        out_res, run_with_head_replaced(model, x, 1, 1, torch.roll(cap.heads[1][:, 1], 1, dims=0))
+    )
     # half a gate mixes the two
     half = gates.clone()
     half[1, 1] = 0.5
@@ -136,7 +144,16 @@ def test_gate_gradient_is_first_order_ablation_effect():
 def test_vector_model_and_positions():
     torch.manual_seed(0)
     for positional in ("rope", "learned", "none"):
-        model = ICLTransformer(input_dim=5, d_model=32, n_heads=2, n_layers=1, max_seq_len=10, positional=positional, bias=True, activation="gelu")
+        model = ICLTransformer(
+            input_dim=5,
+            d_model=32,
+            n_heads=2,
+            n_layers=1,
+            max_seq_len=10,
+            positional=positional,
+            bias=True,
+            activation="gelu",
+        )
         out, _ = model(torch.randn(2, 10, 5))
         assert out.shape == (2, 10, 1)
 

@@ -5,7 +5,11 @@ import itertools
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_icl.tasks import LinearRegressionDataModule, ModularArithmeticDataModule, SparseLinearRegressionDataModule
+from lightning_icl.tasks import (
+    LinearRegressionDataModule,
+    ModularArithmeticDataModule,
+    SparseLinearRegressionDataModule,
+)
 from lightning_icl.tasks.base import FixedBatches, TrainStream
 
 

@@ -1,0 +1,104 @@
+"""The command line: every config in configs/ parses, instantiates and trains a few steps."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from lightning_icl.cli import main
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+# Shrink any config to a few CPU steps; data overrides per DataModule keep it valid.
+SHRINK_MODEL = ["--model.init_args.d_model=32", "--model.init_args.n_heads=2", "--model.init_args.n_layers=1"]
+SHRINK_DATA = {
+    "ModularArithmeticDataModule": [
+        "--data.init_args.num_tasks=4",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.eval_batch_size=8",
+        "--data.init_args.num_workers=0",
+    ],
+    "SparseLinearRegressionDataModule": ["--data.init_args.batch_size=8"],
+    "LinearRegressionDataModule": ["--data.init_args.batch_size=8", "--data.init_args.curriculum_interval=2"],
+}
+
+
+def shrunk(tmp_path, config):
+    with open(config) as f:
+        data_class = yaml.safe_load(f)["data"]["class_path"].split(".")[-1]
+    return [
+        f"--config={config}",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.name=run",
+        *SHRINK_MODEL,
+        *SHRINK_DATA[data_class],
+    ]
+
+
+def test_every_config_has_a_header_naming_its_source():
+    assert len(CONFIGS) >= 5
+    for config in CONFIGS:
+        with open(config) as f:
+            head = f.read().split("seed_everything")[0]
+        assert head.count("#") >= 3 and "Run: lightning-icl fit --config" in head, config
+        if "quickstart" not in config:
+            assert "Reproduces:" in head and "Expected:" in head, config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.basename(c))
+def test_config_trains_a_few_steps_when_shrunk(tmp_path, config, capsys):
+    main(["fit", *shrunk(tmp_path, config)])
+    out = capsys.readouterr().out
+    run = tmp_path / "run" / "version_0"
+    assert (run / "metrics.csv").exists() and (run / "config.yaml").exists()
+    assert (run / "icl_curves.jsonl").exists() and (run / "icl_curves.png").exists()
+    assert "wrote" in out and (run / "training_curves.png").exists()
+
+
+def test_help_and_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    assert "--trainer.max_steps" in capsys.readouterr().out
+    config = next(c for c in CONFIGS if "han2024" in c)
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={config}", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["n_layers"] == 12
+    assert printed["data"]["class_path"].endswith("SparseLinearRegressionDataModule")
+
+
+@pytest.mark.slow
+def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, capsys):
+    common = [
+        "--data=ModularArithmeticDataModule",
+        "--data.p=7",
+        "--data.num_tasks=4",
+        "--data.batch_size=8",
+        "--data.num_eval_batches=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    model = ["--model=ICLModule", "--model.d_model=32", "--model.n_heads=2"]
+    main(["fit", *model, *common, "--trainer.max_steps=3"])
+    ckpts = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
+    assert len(ckpts) == 1
+    capsys.readouterr()
+    main(["validate", *model, *common, f"--ckpt_path={ckpts[0]}"])
+    assert "val/id_seen/acc" in capsys.readouterr().out
+    main(["test", *model, *common, f"--ckpt_path={ckpts[0]}"])
+    assert "test/ood_unseen/loss" in capsys.readouterr().out
+
+
+def test_bad_data_argument_is_reported():
+    with pytest.raises(ValueError, match="p must be a prime, got 9"):
+        main(["fit", "--model=ICLModule", "--data=ModularArithmeticDataModule", "--data.p=9", "--trainer.max_steps=1"])
