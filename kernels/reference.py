@@ -52,6 +52,25 @@ def attention_reference(
     if causal and t_q != t_k:
         raise ValueError(f"causal attention needs Tq == Tk, got {t_q} and {t_k}")
 
+    # Under autocast the matmuls below would drop back to half precision; keep them in acc_dtype.
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunked(q, k, v, causal, scale, acc_dtype, wanted, key_class, num_classes, query_label, chunk_size)
+
+
+def _chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    acc_dtype: torch.dtype,
+    wanted: set[str],
+    key_class: Tensor | None,
+    num_classes: int,
+    query_label: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    t_q, t_k = q.shape[2], k.shape[2]
     qa, ka, va = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype)
     one_hot = None
     if "class_mass" in wanted:

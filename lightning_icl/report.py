@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+METRIC_LABELS = {"loss": "cross-entropy (nats)", "acc": "accuracy", "mse": "squared error"}
+
 
 def read_metrics_csv(path: str) -> dict[str, list[tuple[int, float]]]:
     """``metric -> [(step, value), ...]`` from a CSVLogger ``metrics.csv``."""
@@ -48,7 +50,7 @@ def plot_training_curves(series: dict[str, list[tuple[int, float]]], out: str) -
             steps, values = zip(*series[key], strict=True)
             ax.plot(steps, values, label=key, alpha=0.6 if key.startswith("train") else 1.0)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel({"loss": "cross-entropy (nats)", "acc": "accuracy", "mse": "squared error"}[kind])
+        ax.set_ylabel(METRIC_LABELS[kind])
         if kind in ("loss", "mse"):
             ax.set_yscale("log")
         ax.set_title(f"{kind} over training (all shots)")
@@ -83,7 +85,8 @@ def plot_icl_curves(rows: list[dict], out: str, stage: str = "val", max_steps_sh
                     )
         ax.set_title(f"{split}: {metric} per shot")
         ax.set_xlabel("shot (examples before the answer)")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if metric == "mse":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -118,3 +118,18 @@ def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
     # the checkpoint alone rebuilds the model
     loaded = ICLModule.load_from_checkpoint(path)
     assert loaded.task == straight.task
+
+
+def test_training_step_capture_for_callbacks(modular_data):
+    from lightning_icl import CaptureSpec
+
+    module = tiny_module(modular_data)
+    batch = modular_data.train_sampler()(torch.Generator().manual_seed(0), 0)
+    module.training_step(batch, 0)
+    assert module.last_capture is None
+    module.train_capture_spec = CaptureSpec(stats=("class_mass", "same_label_mass"), residual=True, layers=[-1])
+    module.training_step(batch, 0)
+    cap = module.last_capture
+    assert list(cap.stats) == [1] and list(cap.residual) == [1]
+    assert cap.stats[1]["class_mass"].shape == (16, 2, 1, 3)  # x, y, z token classes
+    torch.testing.assert_close(cap.stats[1]["class_mass"].sum(-1), torch.ones(16, 2, 1))

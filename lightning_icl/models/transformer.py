@@ -102,6 +102,12 @@ class Block(nn.Module):
             nn.Linear(d_model, d_mlp, bias=bias), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model, bias=bias)
         )
 
+    def forward(self, h: Tensor, **attn_kwargs) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Residual update of ``h`` ``[B, T, D]``; also returns the heads' z and attention statistics."""
+        a, z, stats = self.attn(self.ln1(h), **attn_kwargs)
+        h = h + a
+        return h + self.mlp(self.ln2(h)), z, stats
+
 
 class ICLTransformer(nn.Module):
     """GPT-style decoder for ICL tasks.
@@ -232,9 +238,9 @@ class ICLTransformer(nn.Module):
             stats = capture.stats if keep else ()
             gate = None if gates is None else gates[..., i, :]
             mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
-            a, z, st = block.attn(block.ln1(h), stats, key_class, num_classes, labels, gate, mu)
-            h = h + a
-            h = h + block.mlp(block.ln2(h))
+            h, z, st = block(
+                h, stats=stats, key_class=key_class, num_classes=num_classes, labels=labels, gate=gate, ablate_with=mu
+            )
             if keep:
                 pos = result.positions
                 if capture.residual:

@@ -126,3 +126,12 @@ def test_bad_input_raises_a_clear_value_error(change, message):
     args.update({n: change.pop(n) for n in ("q", "k", "v") if n in change})
     with pytest.raises(ValueError, match=message):
         capture_attention(args["q"], args["k"], args["v"], **change)
+
+
+def test_statistics_stay_fp32_accurate_under_autocast():
+    q, k, v = inputs(1, 2, 40, 32, seed=3)
+    _, plain = capture_attention(q, k, v, stats=("entropy", "lse"), backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, mixed = capture_attention(q, k, v, stats=("entropy", "lse"), backend="torch")
+    for name in ("entropy", "lse"):
+        torch.testing.assert_close(mixed[name], plain[name], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,34 @@
+"""The README's commands and Python snippet stay true."""
+
+import os
+import re
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_python_snippet_runs():
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    cap = namespace["cap"]
+    assert cap.residual[1].shape == (64, 16, 64)
+    assert cap.stats[0]["class_mass"].shape == (64, 4, 16, 3)
+    assert isinstance(namespace["logits"], torch.Tensor)
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```bash\n(.*?)```", readme(), flags=re.S)
+    test_command = next(b.strip() for b in blocks if "pytest" in b)
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    # CI makes its own venv, then runs the part of the README command after the venv is active
+    assert test_command.split(". .venv/bin/activate && ", 1)[1] in ci
+    quickstart = next(b.strip() for b in blocks if "configs/quickstart.yaml" in b)
+    assert os.path.exists(os.path.join(ROOT, "configs", "quickstart.yaml")) and "lightning-icl fit" in quickstart
