@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
 from functools import partial
 
 import lightning as L
@@ -71,7 +70,7 @@ class ICLModule(L.LightningModule):
             raise ValueError("task is required: pass the DataModule's task_info (the CLI links it from --data)")
         info = task if isinstance(task, TaskInfo) else TaskInfo(**task)
         self.save_hyperparameters(ignore=["task"])
-        self.hparams["task"] = asdict(info)  # plain dict, so checkpoints and hparams.yaml stay portable
+        self.hparams["task"] = info.as_dict()  # plain dict, so checkpoints and hparams.yaml stay portable
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:

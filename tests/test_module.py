@@ -37,9 +37,9 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(500, **{**f, "schedule": "constant"}) == 1.0
 
 
-def test_weight_decay_covers_matrices_and_embeddings_only(modular_data):
+def test_weight_decay_covers_matrices_and_embeddings_only(modular_data, tmp_path):
     module = tiny_module(modular_data)
-    trainer = L.Trainer(**trainer_kwargs("/tmp", max_steps=1, logger=False))
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=1, logger=False))
     module.trainer = trainer
     opt = module.configure_optimizers()["optimizer"]
     decayed = {id(p) for p in opt.param_groups[0]["params"]}

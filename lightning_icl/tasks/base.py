@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
@@ -87,7 +87,7 @@ class TaskInfo:
     eval_splits: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> None:

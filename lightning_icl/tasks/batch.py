@@ -35,11 +35,6 @@ class ICLBatch:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    @property
-    def num_shots(self) -> int:
-        """Number of scored examples per sequence (largest shot index + 1)."""
-        return int(self.shot.max()) + 1
-
     def scored_positions(self) -> Tensor:
         """``[B, P]`` indices of the scored positions; every row must score the same count."""
         counts = self.mask.sum(dim=1)
