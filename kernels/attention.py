@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,6 +17,12 @@ SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
 
 SUPPORTED_STATS: tuple[str, ...] = ("lse", "entropy", "max_prob", "class_mass", "same_label_mass")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _can_inspect(x: Tensor) -> bool:
+    """Value checks read the data, which a compiled graph cannot do without breaking."""
+    return x.numel() > 0 and not torch.compiler.is_compiling()
 
 
 def _check_inputs(
@@ -51,7 +60,7 @@ def _check_inputs(
             raise ValueError("stats 'class_mass' needs key_class [B, T] and num_classes >= 1")
         if key_class.shape != (b, t_k):
             raise ValueError(f"key_class must be [B, Tk] = {(b, t_k)}, got {tuple(key_class.shape)}")
-        if key_class.numel() and (int(key_class.min()) < 0 or int(key_class.max()) >= num_classes):
+        if _can_inspect(key_class) and (int(key_class.min()) < 0 or int(key_class.max()) >= num_classes):
             raise ValueError(
                 f"key_class values must lie in [0, {num_classes}), got [{int(key_class.min())}, {int(key_class.max())}]"
             )
@@ -75,6 +84,7 @@ def capture_attention(
     num_classes: int = 0,
     query_label: Tensor | None = None,
     backend: str = "auto",
+    fp32_precision: str = "tf32",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scaled dot-product attention that also returns per-head statistics.
 
@@ -86,16 +96,22 @@ def capture_attention(
             ``class_mass`` (``[B, H, T, num_classes]``: attention mass on keys of
             each class given by ``key_class`` ``[B, T]``) and ``same_label_mass``
             (``[B, H, T]``: mass on keys whose ``query_label`` equals the query's).
-        backend: ``"auto"`` (the fused kernel where available, else the
-            reference), ``"torch"`` (the reference) or ``"triton"``.
+        backend: ``"auto"`` (the fused Triton kernel on CUDA tensors when Triton is
+            installed and the head dim is supported, else the reference),
+            ``"torch"`` (the reference) or ``"triton"`` (the kernel; on CPU tensors it
+            needs ``TRITON_INTERPRET=1`` set before the first launch).
+        fp32_precision: ``"tf32"`` (default) or ``"ieee"`` for the kernel's fp32 dots on GPU.
 
     Returns:
         ``(out, stats)``: ``out`` like ``q``, differentiable; ``stats`` fp32, detached.
     """
     stats = tuple(stats)
     _check_inputs(q, k, v, causal, stats, key_class, num_classes, query_label, backend)
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend is not available in this version; use backend='torch'")
+    if fp32_precision not in ("tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if _use_triton(q, k, backend):
+        return _triton_attention(q, k, v, causal, scale, stats, key_class, num_classes, query_label, fp32_precision)
     if not stats:
         # Without statistics the reference is exactly SDPA, which is faster and O(T) in memory.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
@@ -111,6 +127,60 @@ def capture_attention(
         num_classes=num_classes,
         query_label=query_label,
     )
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(q: Tensor, k: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    fits = q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in TRITON_DTYPES and q.shape[2] == k.shape[2]
+    if backend == "auto":
+        return q.is_cuda and fits and triton_available()
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+    check_head_dim(q.shape[-1], argument="q.shape[-1]")
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports dtypes {TRITON_DTYPES}, got {q.dtype}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("backend='triton' computes self-attention: q and k need the same length")
+    if not q.is_cuda:
+        from . import triton_attention
+
+        if not triton_attention.INTERPRETED:
+            raise ValueError(
+                "backend='triton' on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+                "in the environment before the first Triton launch (or use backend='torch')"
+            )
+    return True
+
+
+def _triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    stats: tuple[str, ...],
+    key_class: Tensor | None,
+    num_classes: int,
+    query_label: Tensor | None,
+    fp32_precision: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    from . import ops
+
+    out, lse2, ent, maxp, cls, same = ops.capture_attention_fwd(
+        q, k, v,
+        key_class if "class_mass" in stats else None,
+        query_label if "same_label_mass" in stats else None,
+        causal, scale, num_classes if "class_mass" in stats else 0,
+        "entropy" in stats, "max_prob" in stats, "class_mass" in stats, "same_label_mass" in stats,
+        fp32_precision == "ieee",
+    )  # fmt: skip
+    found = {"lse": lse2 * math.log(2.0), "entropy": ent, "max_prob": maxp, "class_mass": cls, "same_label_mass": same}
+    return out, {name: found[name].detach() for name in stats}
 
 
 def check_head_dim(head_dim: int, argument: str = "head_dim") -> None:

@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads
+# this when the package's kernels are first imported, which happens lazily on first use.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep the suite within two CPU cores and quiet.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from lightning_icl.kernels import SUPPORTED_STATS, attention_reference, capture_attention
 
 ALL = SUPPORTED_STATS

@@ -1,0 +1,365 @@
+"""Flash-attention forward and backward in Triton, with per-head statistics.
+
+The forward is the usual online-softmax loop over key blocks (base-2 exponentials).
+Statistics are compile-time switches, so a launch that asks for none compiles to
+the plain kernel; each one adds only a rescaled accumulator to the loop:
+
+- max_prob = 1 / l at the end (the running max has probability exp(0) / l);
+- entropy: t <- t * alpha + sum(p~ * s), then H = lse - t / l (masked s zeroed first);
+- class_mass: acc_c <- acc_c * alpha + p~ @ onehot(key_class) (one small dot per tile);
+- same_label_mass: acc_s <- acc_s * alpha + sum(p~ where label_j == label_i).
+
+The backward recomputes probabilities from the stored base-2 log-sum-exp: one
+kernel per key block accumulates dk and dv, one per query block accumulates dq,
+so no atomics are needed.
+
+Import this module only after deciding on ``TRITON_INTERPRET``: Triton reads it
+when the kernels are decorated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+INTERPRETED: bool = bool(knobs.runtime.interpret)
+"""True when the kernels run in Triton's interpreter (CPU tensors)."""
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRETED:  # one config: the interpreter cannot autotune usefully and is slow per program
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((128, 64), (128, 128), (64, 64), (64, 32), (32, 32), (16, 16))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose blocks are much longer than the sequence or too big for the head dim."""
+    t, d = named_args["T"], kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    span = max(16, triton.next_power_of_2(t))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= span
+        and c.kwargs["BLOCK_N"] <= span
+        and not (d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
+        and not (c.kwargs["BLOCK_M"] >= 128 and c.num_warps == 4)
+    ]
+    return kept or configs[-1:]
+
+
+_AUTOTUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION"]
+
+
+@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL,
+    scale_log2,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    scb, sct,
+    slb, slt,
+    H, T,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WANT_ENT: tl.constexpr,
+    WANT_MAXP: tl.constexpr,
+    WANT_CLS: tl.constexpr,
+    NUM_CLASSES: tl.constexpr,
+    CLS_PAD: tl.constexpr,
+    WANT_SAME: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cls_acc = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
+    same_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if WANT_SAME:
+        q_label = tl.load(LABEL + b * slb + offs_m * slt, mask=row_ok, other=-1)
+
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < T
+        k_t = tl.load(k_base + cols[None, :] * skt + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)  # [D, BN]
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, BN]
+        valid = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        # padded rows (row >= T) see no key; keep their max finite so nothing turns NaN
+        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if WANT_ENT:
+            t_i = t_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
+        if WANT_CLS:
+            kc = tl.load(KEY_CLASS + b * scb + cols * sct, mask=col_ok, other=-1)
+            onehot = (kc[:, None] == tl.arange(0, CLS_PAD)[None, :]).to(tl.float32)  # [BN, C]
+            cls_acc = cls_acc * alpha[:, None]
+            cls_acc = tl.dot(p, onehot, cls_acc, input_precision="ieee")
+        if WANT_SAME:
+            k_label = tl.load(LABEL + b * slb + cols * slt, mask=col_ok, other=-2)
+            same_acc = same_acc * alpha + tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
+        m_i = m_new
+
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    stat_off = bh * T + offs_m  # statistics are contiguous [B, H, T]
+    lse2 = m_i + tl.log2(l_safe)
+    tl.store(LSE2 + stat_off, lse2, mask=row_ok)
+    if WANT_ENT:
+        tl.store(ENT + stat_off, LN2 * (lse2 - t_i / l_safe), mask=row_ok)
+    if WANT_MAXP:
+        tl.store(MAXP + stat_off, 1.0 / l_safe, mask=row_ok)
+    if WANT_CLS:
+        c = tl.arange(0, CLS_PAD)
+        cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
+        tl.store(cls_ptrs, cls_acc / l_safe[:, None], mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
+    if WANT_SAME:
+        tl.store(SAME + stat_off, same_acc / l_safe, mask=row_ok)
+
+
+_BWD_KEY = ["T", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
+
+
+@triton.autotune(configs=_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
+    scale_log2, sm_scale,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sdb, sdh, sdt, sdd,
+    H, T,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+
+    lo = 0
+    if CAUSAL:  # queries before this key block never see it
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, T, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < T
+        q_t = tl.load(
+            q_base + offs_m[None, :] * sqt + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0
+        )  # [D, BM]
+        do = tl.load(do_base + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale_log2  # [BN, BM]
+        valid = col_ok[:, None] & row_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[:, None] <= offs_m[None, :])
+        p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+    out_off = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # dk, dv contiguous
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.autotune(configs=_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ,
+    scale_log2, sm_scale,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sdb, sdh, sdt, sdd,
+    H, T,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(
+        DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0
+    )
+    lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        col_ok = cols < T
+        k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)  # [BN, D]
+        v_t = tl.load(v_base + cols[None, :] * svt + offs_d[:, None] * svd, mask=col_ok[None, :], other=0.0)  # [D, BN]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        valid = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None])
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    out_off = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _precision(dtype: torch.dtype, ieee: bool) -> str:
+    return "ieee" if (ieee or dtype != torch.float32) else "tf32"
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_class: torch.Tensor | None,
+    label: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    num_classes: int,
+    want_entropy: bool,
+    want_max_prob: bool,
+    want_class_mass: bool,
+    want_same_label: bool,
+    ieee: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the forward; returns ``(out, lse2, entropy, max_prob, class_mass, same_label_mass)``.
+
+    Statistics not asked for come back as empty tensors. ``lse2`` is the base-2 log-sum-exp.
+    """
+    b, h, t, d = q.shape
+    out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((b, h, t), **f32)
+
+    def stat(wanted: bool, *shape: int) -> torch.Tensor:
+        # a fresh empty tensor for each statistic not asked for: outputs of a custom op may not alias
+        return torch.empty(shape if wanted else (0,), **f32)
+
+    ent = stat(want_entropy, b, h, t)
+    maxp = stat(want_max_prob, b, h, t)
+    cls = stat(want_class_mass, b, h, t, num_classes)
+    same = stat(want_same_label, b, h, t)
+    dummy_int = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
+    kc = key_class if want_class_mass else dummy_int
+    lab = label if want_same_label else dummy_int
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
+    _fwd_kernel[grid](
+        q, k, v, out, lse2, ent, maxp, cls, same, kc, lab,
+        sm_scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *kc.stride(), *lab.stride(),
+        h, t,
+        HEAD_DIM=d,
+        CAUSAL=causal,
+        DOT_PRECISION=_precision(q.dtype, ieee),
+        WANT_ENT=want_entropy,
+        WANT_MAXP=want_max_prob,
+        WANT_CLS=want_class_mass,
+        NUM_CLASSES=max(num_classes, 1),
+        CLS_PAD=max(16, triton.next_power_of_2(max(num_classes, 1))),
+        WANT_SAME=want_same_label,
+    )  # fmt: skip
+    return out, lse2, ent, maxp, cls, same
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse2: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    ieee: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, dtype of q) from the saved forward."""
+    b, h, t, d = q.shape
+    delta = (out.float() * grad_out.float()).sum(-1).contiguous()  # [B, H, T]
+    dq = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_precision(q.dtype, ieee))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    scale_log2 = sm_scale * LOG2E
+    grid_n = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * h)
+    _bwd_dkdv_kernel[grid_n](q, k, v, grad_out, lse2, delta, dk, dv, scale_log2, sm_scale, *strides, h, t, **common)
+    grid_m = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
+    _bwd_dq_kernel[grid_m](q, k, v, grad_out, lse2, delta, dq, scale_log2, sm_scale, *strides, h, t, **common)
+    return dq, dk, dv
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

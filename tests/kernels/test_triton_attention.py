@@ -1,0 +1,212 @@
+"""The fused Triton kernel against a float64 reference: output, every statistic, every gradient.
+
+Interpreter tier: CPU tensors through ``TRITON_INTERPRET=1`` (fp32, fp16; small shapes).
+GPU tier: CUDA tensors, every dtype and larger shapes; skipped without CUDA.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+
+ALL = SUPPORTED_STATS
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="interpreter tier: CPU tensors need TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="GPU tier: needs CUDA")
+
+
+def naive(q, k, v, causal, key_class, num_classes, labels, dtype):
+    """Materialised attention and statistics computed by definition, at ``dtype``."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    t = q.shape[2]
+    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))
+    if causal:
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    logp = torch.log_softmax(s, dim=-1)
+    stats = {
+        "lse": torch.logsumexp(s, -1),
+        "max_prob": p.amax(-1),
+        "entropy": -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1),
+        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(num_classes)], -1),
+        "same_label_mass": (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1),
+    }
+    return p @ v, stats
+
+
+def make(b, h, t, d, dtype, device, strided, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # three views of one fused [B, T, 3, H, Dh] projection
+        qkv = torch.randn(b, t, 3, h, d, generator=g).to(device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        assert t == 1 or not q.is_contiguous()
+    else:
+        q, k, v = (torch.randn(b, h, t, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    key_class = torch.randint(3, (b, t), generator=g).to(device)
+    labels = torch.randint(5, (b, t), generator=g).to(device)
+    return q, k, v, key_class, labels
+
+
+def check(b, h, t, d, causal, dtype, device, strided, atol):
+    q, k, v, key_class, labels = make(b, h, t, d, dtype, device, strided)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, stats = capture_attention(
+        q, k, v, causal=causal, stats=ALL, key_class=key_class, num_classes=3, query_label=labels,
+        backend="triton", fp32_precision="ieee",
+    )  # fmt: skip
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(device=device, dtype=dtype)
+    mine = torch.autograd.grad(out, (q, k, v), grad)
+
+    def run(at):
+        qq, kk, vv = (x.detach().to(at).requires_grad_() for x in (q, k, v))
+        o, st = naive(qq, kk, vv, causal, key_class, 3, labels, at)
+        return o, st, torch.autograd.grad(o, (qq, kk, vv), grad.to(at))
+
+    ref_out, ref_stats, ref_grads = run(torch.float64)
+    # PyTorch's own error at this dtype (fp16 maths runs in fp32 on CPU, as SDPA's math path does)
+    own_dtype = dtype if device != "cpu" or dtype == torch.float32 else torch.float32
+    own_out, own_stats, own_grads = run(own_dtype)
+
+    def assert_within(name, got, own, ref):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        err = (got.double() - ref).abs().max().item()
+        own_err = (own.double() - ref).abs().max().item()
+        assert err <= 2 * own_err + atol, f"{name}: error {err:.3g} > 2 x PyTorch's {own_err:.3g} + {atol}"
+
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_within("out", out, own_out.to(dtype), ref_out)
+    for name in ALL:
+        assert stats[name].dtype == torch.float32 and not stats[name].requires_grad
+        assert_within(name, stats[name], own_stats[name].float(), ref_stats[name])
+    for name, got, own, ref in zip(("dq", "dk", "dv"), mine, own_grads, ref_grads, strict=True):
+        assert got.shape == q.shape
+        assert_within(name, got, own.to(dtype), ref)
+
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t", [1, 7, 37, 129])
+@pytest.mark.parametrize("d", [16, 64])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_interpreter_kernel_matches_reference(t, d, causal, dtype, strided):
+    check(1, 2, t, d, causal, dtype, "cpu", strided, ATOL[dtype])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("d", [32, 128])
+def test_interpreter_other_head_dims(d):
+    check(2, 1, 37, d, True, torch.float32, "cpu", True, ATOL[torch.float32])
+
+
+@needs_cuda
+@pytest.mark.parametrize("t", [1, 37, 129, 512, 1000])
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_gpu_kernel_matches_reference(t, d, causal, dtype):
+    check(2, 3, t, d, causal, dtype, "cuda", t % 2 == 1, ATOL[dtype])
+
+
+def device_for_kernel():
+    if INTERPRETED:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("needs the interpreter or CUDA")
+
+
+def test_statistics_switches_do_not_change_the_output():
+    device = device_for_kernel()
+    q, k, v, key_class, labels = make(2, 2, 45, 16, torch.float32, device, strided=False)
+    plain, none = capture_attention(q, k, v, backend="triton", fp32_precision="ieee")
+    assert none == {}
+    for stats in (("lse",), ("entropy", "max_prob"), ALL):
+        out, got = capture_attention(
+            q, k, v, stats=stats, key_class=key_class, num_classes=3, query_label=labels,
+            backend="triton", fp32_precision="ieee",
+        )  # fmt: skip
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)
+        assert set(got) == set(stats)
+
+
+def test_kernel_and_reference_give_the_same_statistics_through_the_model():
+    from lightning_icl import CaptureSpec, ICLTransformer
+
+    device = device_for_kernel()
+    torch.manual_seed(0)
+    model = ICLTransformer(vocab_size=7, d_model=32, n_layers=2, n_heads=2, max_seq_len=23).to(device)
+    x = torch.randint(7, (3, 23), device=device)
+    kc = (torch.arange(23, device=device) % 3).expand(3, 23)
+    spec = CaptureSpec(stats=ALL, heads=True, positions="all")
+    outs = {}
+    for backend in ("torch", "triton"):
+        for block in model.blocks:
+            block.attn.backend = backend
+        outs[backend] = model(x, capture=spec, key_class=kc, num_classes=3, labels=x)
+    (a, cap_a), (b, cap_b) = outs["torch"], outs["triton"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for layer in (0, 1):
+        for name in ALL:
+            torch.testing.assert_close(cap_a.stats[layer][name], cap_b.stats[layer][name], atol=1e-4, rtol=1e-4)
+
+
+def test_compiles_without_graph_breaks():
+    device = device_for_kernel()
+    q, k, v, key_class, _ = make(1, 2, 20, 16, torch.float32, device, strided=True)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def f(q, k, v):
+        out, stats = capture_attention(q, k, v, stats=("entropy", "class_mass"), key_class=key_class, num_classes=3,
+                                       backend="triton", fp32_precision="ieee")  # fmt: skip
+        return out.square().sum() + 0 * stats["entropy"].sum(), stats["class_mass"]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c, mass_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e, mass_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(mass_c, mass_e)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d=24), "head dimension of 24"),
+        (dict(dtype=torch.float64), "supports dtypes"),
+    ],
+)
+def test_kernel_rejects_what_it_cannot_run(kwargs, message):
+    d, dtype = kwargs.get("d", 16), kwargs.get("dtype", torch.float32)
+    q = torch.randn(1, 1, 5, d, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        capture_attention(q, q, q, backend="triton")
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    code = (
+        "import torch; from lightning_icl.kernels import capture_attention\n"
+        "q = torch.randn(1, 1, 5, 16)\n"
+        "try:\n    capture_attention(q, q, q, backend='triton')\n"
+        "except ValueError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "ERR" in out and "TRITON_INTERPRET=1" in out
+
+
+def test_auto_backend_uses_the_reference_on_cpu():
+    q = torch.randn(1, 1, 5, 24, dtype=torch.float64)  # no kernel could run this
+    out, stats = capture_attention(q, q, q, stats=("lse",))
+    assert out.dtype == torch.float64 and stats["lse"].shape == (1, 1, 5)
