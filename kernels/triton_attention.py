@@ -33,15 +33,18 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn in ((128, 64), (128, 128), (64, 64), (64, 32), (32, 32), (16, 16))
+    for w in (4, 8)
+    for s in (2, 3)
+]
+# one config under the interpreter: it cannot autotune usefully and is slow per program
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
 def _configs() -> list[triton.Config]:
-    if INTERPRETED:  # one config: the interpreter cannot autotune usefully and is slow per program
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in ((128, 64), (128, 128), (64, 64), (64, 32), (32, 32), (16, 16))
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    return INTERPRETER_CONFIGS if INTERPRETED else GPU_CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
@@ -134,7 +137,8 @@ def _fwd_kernel(
             kc = tl.load(KEY_CLASS + b * scb + cols * sct, mask=col_ok, other=-1)
             onehot = (kc[:, None] == tl.arange(0, CLS_PAD)[None, :]).to(tl.float32)  # [BN, C]
             cls_acc = cls_acc * alpha[:, None]
-            cls_acc = tl.dot(p, onehot, cls_acc, input_precision="ieee")
+            # same precision as the p @ v dot: tensor cores for half inputs, tf32/ieee for fp32
+            cls_acc = tl.dot(p.to(v.dtype), onehot.to(v.dtype), cls_acc, input_precision=DOT_PRECISION)
         if WANT_SAME:
             k_label = tl.load(LABEL + b * slb + cols * slt, mask=col_ok, other=-2)
             same_acc = same_acc * alpha + tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
@@ -276,7 +280,8 @@ def _bwd_dq_kernel(
 
 
 def _precision(dtype: torch.dtype, ieee: bool) -> str:
-    return "ieee" if (ieee or dtype != torch.float32) else "tf32"
+    # only fp32 operands have a choice; "tf32" is Triton's default and a no-op for fp16/bf16
+    return "ieee" if (ieee and dtype == torch.float32) else "tf32"
 
 
 def forward(

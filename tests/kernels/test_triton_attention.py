@@ -210,3 +210,14 @@ def test_auto_backend_uses_the_reference_on_cpu():
     q = torch.randn(1, 1, 5, 24, dtype=torch.float64)  # no kernel could run this
     out, stats = capture_attention(q, q, q, stats=("lse",))
     assert out.dtype == torch.float64 and stats["lse"].shape == (1, 1, 5)
+
+
+def test_autotune_pruning_fits_blocks_to_the_problem():
+    from lightning_icl.kernels import triton_attention as ta
+
+    short = ta._prune(ta.GPU_CONFIGS, {"T": 20}, HEAD_DIM=64)
+    assert short and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in short)
+    wide = ta._prune(ta.GPU_CONFIGS, {"T": 4096}, HEAD_DIM=128)
+    assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in wide)
+    assert len(ta._prune(ta.GPU_CONFIGS, {"T": 4096}, HEAD_DIM=64)) > len(wide)
+    assert ta._configs() == (ta.INTERPRETER_CONFIGS if ta.INTERPRETED else ta.GPU_CONFIGS)
