@@ -221,3 +221,23 @@ def test_autotune_pruning_fits_blocks_to_the_problem():
     assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in wide)
     assert len(ta._prune(ta.GPU_CONFIGS, {"T": 4096}, HEAD_DIM=64)) > len(wide)
     assert ta._configs() == (ta.INTERPRETER_CONFIGS if ta.INTERPRETED else ta.GPU_CONFIGS)
+
+
+def test_model_on_the_kernel_compiles_as_one_graph():
+    from lightning_icl import ICLTransformer
+
+    device = device_for_kernel()
+    torch.manual_seed(0)
+    model = ICLTransformer(vocab_size=7, d_model=32, n_layers=2, n_heads=2, max_seq_len=23, attention_backend="triton")
+    model = model.to(device)
+    x = torch.randint(7, (2, 23), device=device)
+    compiled = torch.compile(lambda x: model(x)[0], fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.float().logsumexp(-1).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)[0]
+    eager.float().logsumexp(-1).mean().backward()
+    torch.testing.assert_close(out, eager)
+    for a, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
