@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import attention_reference
@@ -112,10 +111,6 @@ def capture_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if _use_triton(q, k, backend):
         return _triton_attention(q, k, v, causal, scale, stats, key_class, num_classes, query_label, fp32_precision)
-    if not stats:
-        # Without statistics the reference is exactly SDPA, which is faster and O(T) in memory.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
-        return out, {}
     return attention_reference(
         q,
         k,

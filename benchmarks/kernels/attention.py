@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokens = args.tokens or (64 if args.quick else 16384 if on_gpu else 2048)
     width = args.width or (32 if args.quick else 2048 if on_gpu else 256)
     dtype = getattr(torch, args.dtype)
-    time_ms = timer(args.device, warmup=0 if args.quick else 1, reps=1 if args.quick else 5)
+    time_ms = timer(args.device, warmup=0 if args.quick else 2, reps=1 if args.quick else 15)
 
     rows = []
     for d in head_dims:
