@@ -95,6 +95,11 @@ def check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_noise(noise_std: float) -> None:
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+
+
 class ICLDataModule(L.LightningDataModule, ABC):
     """Base of the task DataModules: seeded training stream plus named evaluation splits.
 
@@ -102,12 +107,16 @@ class ICLDataModule(L.LightningDataModule, ABC):
     :meth:`eval_samplers` and :attr:`task_info`.
     """
 
-    def __init__(self, batch_size: int, seed: int, num_eval_batches: int, num_workers: int) -> None:
+    def __init__(
+        self, batch_size: int, eval_batch_size: int | None, num_eval_batches: int, seed: int, num_workers: int
+    ) -> None:
         super().__init__()
+        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         check_positive("batch_size", batch_size)
+        check_positive("eval_batch_size", eval_batch_size)
         check_positive("num_eval_batches", num_eval_batches)
         check_positive("num_workers", num_workers, minimum=0)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.num_eval_batches, self.num_workers = num_eval_batches, num_workers
 
     @property

@@ -135,7 +135,7 @@ class ModularArithmeticDataModule(ICLDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, seed, num_eval_batches, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers)
         if not isinstance(p, int) or not is_prime(p):
             raise ValueError(f"p must be a prime, got {p!r}")
         if task_rule not in TASK_RULES:
@@ -153,8 +153,6 @@ class ModularArithmeticDataModule(ICLDataModule):
         check_positive("num_shots", num_shots)
         if balanced and batch_size % num_tasks:
             raise ValueError(f"batch_size={batch_size} must be a multiple of num_tasks={num_tasks} when balanced=True")
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-        check_positive("eval_batch_size", self.eval_batch_size)
         self.p, self.num_shots, self.balanced = p, num_shots, balanced
         self.save_hyperparameters()
 

@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .base import ICLDataModule, Sampler, TaskInfo, check_positive, generator_for
+from .base import ICLDataModule, Sampler, TaskInfo, check_noise, check_positive, generator_for
 from .batch import ICLBatch
 
 
@@ -88,7 +88,7 @@ class SparseLinearRegressionDataModule(ICLDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, seed, num_eval_batches, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers)
         for name, value in (("dim", dim), ("num_bases", num_bases), ("rank", rank), ("num_shots", num_shots)):
             check_positive(name, value)
         if rank > dim:
@@ -98,10 +98,7 @@ class SparseLinearRegressionDataModule(ICLDataModule):
                 f"num_bases * rank = {num_bases * rank} disjoint coordinates do not fit in dim={dim}; "
                 "set overlapping=True"
             )
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-        check_positive("eval_batch_size", self.eval_batch_size)
+        check_noise(noise_std)
         self.dim, self.num_shots, self.noise_std = dim, num_shots, noise_std
         self.save_hyperparameters()
         self.bases = sparse_bases(dim, num_bases, rank, overlapping, generator_for(seed, "bases"))
@@ -191,7 +188,7 @@ class LinearRegressionDataModule(ICLDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, seed, num_eval_batches, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers)
         for name, value in (
             ("dim", dim),
             ("num_points", num_points),
@@ -206,10 +203,7 @@ class LinearRegressionDataModule(ICLDataModule):
             raise ValueError(f"dim_start={dim_start} is larger than dim={dim}")
         if curriculum and points_start > num_points:
             raise ValueError(f"points_start={points_start} is larger than num_points={num_points}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-        check_positive("eval_batch_size", self.eval_batch_size)
+        check_noise(noise_std)
         self.dim, self.num_points, self.noise_std = dim, num_points, noise_std
         self.schedule = (
             (dim_start, dim_increment, points_start, points_increment, curriculum_interval, dim, num_points)

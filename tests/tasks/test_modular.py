@@ -97,6 +97,8 @@ def test_empty_splits_are_dropped():
         (dict(p=7, num_tasks=4, batch_size=8, alpha=0.0), "alpha must lie"),
         (dict(p=7, num_tasks=4, batch_size=8, task_rule="grid"), "task_rule"),
         (dict(p=7, num_tasks=4, batch_size=0), "batch_size"),
+        (dict(p=7, num_tasks=4, batch_size=8, eval_batch_size=0), "eval_batch_size"),
+        (dict(p=7, num_tasks=4, batch_size=8, num_eval_batches=0), "num_eval_batches"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, argument):
