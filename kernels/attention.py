@@ -186,4 +186,34 @@ def check_head_dim(head_dim: int, argument: str = "head_dim") -> None:
         )
 
 
-__all__ = ["BACKENDS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_STATS", "capture_attention", "check_head_dim"]
+__all__ = [
+    "BACKENDS",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_STATS",
+    "attention_probability",
+    "capture_attention",
+    "check_head_dim",
+]
+
+
+def attention_probability(
+    q: Tensor, k: Tensor, lse: Tensor, key_index: Tensor, *, causal: bool = True, sm_scale: float | None = None
+) -> Tensor:
+    """Exact attention probability of each query on one chosen key, from the ``lse`` statistic.
+
+    ``p_ij = exp(s_ij - lse_i)`` costs O(T * Dh): no pattern is formed. ``key_index``
+    ``[B, T]`` (or ``[T]``) names the key of each query, e.g. ``t - 1`` for a
+    previous-token score or the position after the last occurrence of the current
+    token for an induction score. Keys outside ``[0, Tk)`` (or after the query when
+    ``causal``) get probability 0. Returns fp32 ``[B, H, Tq]``.
+    """
+    b, h, t_q, d = q.shape
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    idx = key_index.to(q.device).long().expand(b, t_q)
+    valid = (idx >= 0) & (idx < k.shape[2])
+    if causal:
+        valid &= idx <= torch.arange(t_q, device=q.device)
+    safe = idx.clamp(0, k.shape[2] - 1)
+    keys = torch.gather(k.float(), 2, safe[:, None, :, None].expand(b, h, t_q, d))  # [B, H, Tq, Dh]
+    s = (q.float() * keys).sum(-1) * scale
+    return torch.where(valid[:, None], torch.exp(s - lse.float()), torch.zeros_like(s)).detach()

@@ -136,3 +136,28 @@ def test_statistics_stay_fp32_accurate_under_autocast():
         _, mixed = capture_attention(q, k, v, stats=("entropy", "lse"), backend="torch")
     for name in ("entropy", "lse"):
         torch.testing.assert_close(mixed[name], plain[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_probabilities_from_lse_match_the_pattern(causal):
+    from lightning_icl.kernels import attention_probability
+
+    q, k, v = inputs(2, 3, 17, 16, dtype=torch.float64)
+    _, stats = capture_attention(q, k, v, causal=causal, stats=("lse",), backend="torch")
+    pattern = torch.softmax(naive_scores(q, k, causal), dim=-1)
+    prev = torch.arange(17) - 1  # previous token; -1 for the first query
+    got = attention_probability(q, k, stats["lse"], prev, causal=causal)
+    expected = torch.where(prev[None, None] >= 0, pattern[..., torch.arange(17), prev.clamp(min=0)], 0.0)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+    later = torch.arange(17) + 1  # a key after the query: zero when causal
+    got = attention_probability(q, k, stats["lse"], later, causal=causal)
+    assert (got[..., :-1] == 0).all() if causal else (got[..., :-1] > 0).all()
+    assert (got[..., -1] == 0).all()  # index 17 is out of range
+
+
+def naive_scores(q, k, causal):
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        t = q.shape[2]
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return s
