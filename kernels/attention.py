@@ -17,6 +17,8 @@ SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
 SUPPORTED_STATS: tuple[str, ...] = ("lse", "entropy", "max_prob", "class_mass", "same_label_mass")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_MAX_CLASSES = 64
+"""Most key classes the kernel's class-mass accumulator holds (its registers grow with it)."""
 
 
 def _can_inspect(x: Tensor) -> bool:
@@ -57,6 +59,8 @@ def _check_inputs(
     if "class_mass" in stats:
         if key_class is None or num_classes < 1:
             raise ValueError("stats 'class_mass' needs key_class [B, T] and num_classes >= 1")
+        if key_class.device != k.device:
+            raise ValueError(f"key_class is on {key_class.device}, k on {k.device}")
         if key_class.shape != (b, t_k):
             raise ValueError(f"key_class must be [B, Tk] = {(b, t_k)}, got {tuple(key_class.shape)}")
         if _can_inspect(key_class) and (int(key_class.min()) < 0 or int(key_class.max()) >= num_classes):
@@ -69,6 +73,8 @@ def _check_inputs(
         if query_label is None or query_label.shape != (b, t_k):
             got = None if query_label is None else tuple(query_label.shape)
             raise ValueError(f"stats 'same_label_mass' needs query_label [B, T] = {(b, t_k)}, got {got}")
+        if query_label.device != q.device:
+            raise ValueError(f"query_label is on {query_label.device}, q on {q.device}")
 
 
 def capture_attention(
@@ -109,7 +115,7 @@ def capture_attention(
     if fp32_precision not in ("tf32", "ieee"):
         raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if _use_triton(q, k, backend):
+    if _use_triton(q, k, backend, num_classes if "class_mass" in stats else 0):
         return _triton_attention(q, k, v, causal, scale, stats, key_class, num_classes, query_label, fp32_precision)
     return attention_reference(
         q,
@@ -128,10 +134,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(q: Tensor, k: Tensor, backend: str) -> bool:
+def _use_triton(q: Tensor, k: Tensor, backend: str, num_classes: int) -> bool:
     if backend == "torch":
         return False
-    fits = q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in TRITON_DTYPES and q.shape[2] == k.shape[2]
+    fits = (
+        q.shape[-1] in SUPPORTED_HEAD_DIMS
+        and q.dtype in TRITON_DTYPES
+        and q.shape[2] == k.shape[2]
+        and num_classes <= KERNEL_MAX_CLASSES
+    )
     if backend == "auto":
         return q.is_cuda and fits and triton_available()
     if not triton_available():
@@ -141,6 +152,10 @@ def _use_triton(q: Tensor, k: Tensor, backend: str) -> bool:
         raise ValueError(f"backend='triton' supports dtypes {TRITON_DTYPES}, got {q.dtype}")
     if q.shape[2] != k.shape[2]:
         raise ValueError("backend='triton' computes self-attention: q and k need the same length")
+    if num_classes > KERNEL_MAX_CLASSES:
+        raise ValueError(
+            f"backend='triton' holds at most {KERNEL_MAX_CLASSES} key classes, got num_classes={num_classes}"
+        )
     if not q.is_cuda:
         from . import triton_attention
 
@@ -174,7 +189,9 @@ def _triton_attention(
         "entropy" in stats, "max_prob" in stats, "class_mass" in stats, "same_label_mass" in stats,
         fp32_precision == "ieee",
     )  # fmt: skip
-    found = {"lse": lse2 * math.log(2.0), "entropy": ent, "max_prob": maxp, "class_mass": cls, "same_label_mass": same}
+    found = {"entropy": ent, "max_prob": maxp, "class_mass": cls, "same_label_mass": same}
+    if "lse" in stats:
+        found["lse"] = lse2 * math.log(2.0)  # the kernel keeps base 2 for its backward
     return out, {name: found[name].detach() for name in stats}
 
 

@@ -5,9 +5,13 @@ Statistics are compile-time switches, so a launch that asks for none compiles to
 the plain kernel; each one adds only a rescaled accumulator to the loop:
 
 - max_prob = 1 / l at the end (the running max has probability exp(0) / l);
-- entropy: t <- t * alpha + sum(p~ * s), then H = lse - t / l (masked s zeroed first);
+- entropy: t <- t * alpha + sum(p~ * s), then H = lse - t / l (masked scores are a
+  large finite negative, so p~ * s is 0 there, never 0 * inf);
 - class_mass: acc_c <- acc_c * alpha + p~ @ onehot(key_class) (one small dot per tile);
 - same_label_mass: acc_s <- acc_s * alpha + sum(p~ where label_j == label_i).
+
+Each loop runs in two phases: tiles that need no mask (entirely inside the sequence
+and, when causal, entirely below the diagonal), then the few that do.
 
 The backward recomputes probabilities from the stored base-2 log-sum-exp: one
 kernel per key block accumulates dk and dv, one per query block accumulates dq,
@@ -19,7 +23,7 @@ when the kernels are decorated.
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 import triton
@@ -30,42 +34,62 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 """True when the kernels run in Triton's interpreter (CPU tensors)."""
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+# Inside kernels, constants are written as literals: compiled Triton cannot read module
+# globals that are plain floats, and the interpreter cannot use constexpr globals in arithmetic.
 
 
-GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn in ((128, 64), (128, 128), (64, 64), (64, 32), (32, 32), (16, 16))
-    for w in (4, 8)
-    for s in (2, 3)
-]
+def _config_grid(blocks, warps=(4, 8), stages=(2, 3, 4)) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in blocks
+        for w in warps
+        for s in stages
+    ]
+
+
+# The query block is the M side of the forward and dq matmuls; the key block is the M side
+# of the dk/dv matmuls, so that kernel wants the larger BLOCK_N.
+FWD_CONFIGS = _config_grid([(128, 64), (128, 128), (64, 64), (64, 32), (32, 32), (16, 16)])
+DKDV_CONFIGS = _config_grid([(32, 128), (64, 128), (32, 64), (64, 64), (16, 32), (16, 16)])
+DQ_CONFIGS = _config_grid([(128, 32), (128, 64), (64, 32), (64, 64), (32, 16), (16, 16)])
 # one config under the interpreter: it cannot autotune usefully and is slow per program
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
-def _configs() -> list[triton.Config]:
-    return INTERPRETER_CONFIGS if INTERPRETED else GPU_CONFIGS
+def _configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
+    return INTERPRETER_CONFIGS if INTERPRETED else gpu_configs
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose blocks are much longer than the sequence or too big for the head dim."""
+    """Fit the configs to the problem: blocks no longer than the sequence, no tiny blocks on
+    long sequences, lighter tiles for wide heads and for several statistics at once."""
     t, d = named_args["T"], kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     span = max(16, triton.next_power_of_2(t))
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= span
-        and c.kwargs["BLOCK_N"] <= span
-        and not (d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
-        and not (c.kwargs["BLOCK_M"] >= 128 and c.num_warps == 4)
-    ]
+    n_stats = sum(bool(kwargs.get(f)) for f in ("WANT_ENT", "WANT_CLS", "WANT_SAME"))
+    kept = []
+    for c in configs:
+        bm, bn, area = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+        if bm > span or bn > span:
+            continue
+        if t >= 256 and max(bm, bn) < 64:
+            continue
+        if d >= 128 and (c.num_stages > 3 or (area > 128 * 64 and c.num_warps < 8)):
+            continue
+        if n_stats >= 2 and area > 128 * 64:
+            continue
+        if max(bm, bn) >= 128 and c.num_warps == 4:
+            continue
+        kept.append(c)
     return kept or configs[-1:]
 
 
-_AUTOTUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION"]
+# Tune per power-of-two length bucket, not per exact length.
+_FWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION"]
+_BWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(FWD_CONFIGS), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL,
@@ -76,7 +100,7 @@ def _fwd_kernel(
     sob, soh, sot, sod,
     scb, sct,
     slb, slt,
-    H, T,
+    H, T, T_KEY,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -89,8 +113,10 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*Dh may pass 2^31
+    pid_m = tl.program_id(1)
+    if CAUSAL:  # the longest rows first, for load balance
+        pid_m = tl.num_programs(1) - 1 - pid_m
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,62 +137,68 @@ def _fwd_kernel(
     if WANT_SAME:
         q_label = tl.load(LABEL + b * slb + offs_m * slt, mask=row_ok, other=-1)
 
-    hi = T
-    if CAUSAL:
+    if CAUSAL:  # key blocks ending before this query block's first row need no mask
+        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
         hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < T
-        k_t = tl.load(k_base + cols[None, :] * skt + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)  # [D, BN]
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, BN]
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        # padded rows (row >= T) see no key; keep their max finite so nothing turns NaN
-        m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -1e30)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        if WANT_ENT:
-            t_i = t_i * alpha + tl.sum(p * tl.where(valid, s, 0.0), 1)
-        if WANT_CLS:
-            kc = tl.load(KEY_CLASS + b * scb + cols * sct, mask=col_ok, other=-1)
-            onehot = (kc[:, None] == tl.arange(0, CLS_PAD)[None, :]).to(tl.float32)  # [BN, C]
-            cls_acc = cls_acc * alpha[:, None]
-            # same precision as the p @ v dot: tensor cores for half inputs, tf32/ieee for fp32
-            cls_acc = tl.dot(p.to(v.dtype), onehot.to(v.dtype), cls_acc, input_precision=DOT_PRECISION)
-        if WANT_SAME:
-            k_label = tl.load(LABEL + b * slb + cols * slt, mask=col_ok, other=-2)
-            same_acc = same_acc * alpha + tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
-        m_i = m_new
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        hi = T
+    for phase in tl.static_range(2):
+        lo_p = 0 if phase == 0 else full_hi
+        hi_p = full_hi if phase == 0 else hi
+        for start_n in range(lo_p, hi_p, BLOCK_N):
+            cols = start_n + offs_n
+            k_ptrs = k_base + cols[None, :] * skt + offs_d[:, None] * skd  # [D, BN]
+            v_ptrs = v_base + cols[:, None] * svt + offs_d[None, :] * svd  # [BN, D]
+            if phase == 0:
+                k_t = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k_t = tl.load(k_ptrs, mask=(cols < T)[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=(cols < T)[:, None], other=0.0)
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, BN]
+            if phase == 1:
+                valid = (cols < T)[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= offs_m[:, None])
+                s = tl.where(valid, s, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_in = p.to(v.dtype)
+            acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            if WANT_ENT:
+                t_i = t_i * alpha + tl.sum(p * s, 1)
+            if WANT_CLS:
+                kc = tl.load(KEY_CLASS + b * scb + cols * sct, mask=cols < T, other=-1)
+                onehot = (kc[:, None] == tl.arange(0, CLS_PAD)[None, :]).to(v.dtype)  # [BN, C]
+                # same precision as the p @ v dot: tensor cores for half inputs, tf32/ieee for fp32
+                cls_acc = tl.dot(p_in, onehot, cls_acc * alpha[:, None], input_precision=DOT_PRECISION)
+            if WANT_SAME:
+                k_label = tl.load(LABEL + b * slb + cols * slt, mask=cols < T, other=-2)
+                same_acc = same_acc * alpha + tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
+            m_i = m_new
 
-    l_safe = tl.where(row_ok, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = acc / l_i[:, None]
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     stat_off = bh * T + offs_m  # statistics are contiguous [B, H, T]
-    lse2 = m_i + tl.log2(l_safe)
+    lse2 = m_i + tl.log2(l_i)
     tl.store(LSE2 + stat_off, lse2, mask=row_ok)
     if WANT_ENT:
-        tl.store(ENT + stat_off, LN2 * (lse2 - t_i / l_safe), mask=row_ok)
+        tl.store(ENT + stat_off, 0.6931471805599453 * (lse2 - t_i / l_i), mask=row_ok)
     if WANT_MAXP:
-        tl.store(MAXP + stat_off, 1.0 / l_safe, mask=row_ok)
+        tl.store(MAXP + stat_off, 1.0 / l_i, mask=row_ok)
     if WANT_CLS:
         c = tl.arange(0, CLS_PAD)
         cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
-        tl.store(cls_ptrs, cls_acc / l_safe[:, None], mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
+        tl.store(cls_ptrs, cls_acc / l_i[:, None], mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
     if WANT_SAME:
-        tl.store(SAME + stat_off, same_acc / l_safe, mask=row_ok)
+        tl.store(SAME + stat_off, same_acc / l_i, mask=row_ok)
 
 
-_BWD_KEY = ["T", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
-
-
-@triton.autotune(configs=_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(DKDV_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV,
@@ -175,18 +207,18 @@ def _bwd_dkdv_kernel(
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sdb, sdh, sdt, sdd,
-    H, T,
+    H, T, T_KEY,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
     b = bh // H
     h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < T
@@ -196,35 +228,52 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
+    stat_base = bh * T
 
-    lo = 0
-    if CAUSAL:  # queries before this key block never see it
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, T, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < T
-        q_t = tl.load(
-            q_base + offs_m[None, :] * sqt + offs_d[:, None] * sqd, mask=row_ok[None, :], other=0.0
-        )  # [D, BM]
-        do = tl.load(do_base + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale_log2  # [BN, BM]
-        valid = col_ok[:, None] & row_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[:, None] <= offs_m[None, :])
-        p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+    # Phase 0: query blocks straddling the diagonal (causal mask); phase 1: full blocks after
+    # it, no mask; phase 2: the partial last block. Padded keys (col >= T) only feed padded
+    # rows of dk/dv, which are never stored; padded queries load q = do = 0 and add nothing.
+    full_end = T // BLOCK_M * BLOCK_M
+    if CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    tail = tl.maximum(mid, full_end)
+    for phase in tl.static_range(3):
+        lo_p = lo if phase == 0 else (mid if phase == 1 else tail)
+        hi_p = mid if phase == 0 else (full_end if phase == 1 else T)
+        for start_m in range(lo_p, hi_p, BLOCK_M):
+            offs_m = start_m + offs_m0
+            q_ptrs = q_base + offs_m[None, :] * sqt + offs_d[:, None] * sqd  # [D, BM]
+            do_ptrs = do_base + offs_m[:, None] * sdt + offs_d[None, :] * sdd
+            if phase == 1:
+                q_t = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+                lse2 = tl.load(LSE2 + stat_base + offs_m)
+                delta = tl.load(DELTA + stat_base + offs_m)
+            else:
+                row_ok = offs_m < T
+                q_t = tl.load(q_ptrs, mask=row_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+                lse2 = tl.load(LSE2 + stat_base + offs_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale_log2  # [BN, BM]
+            p_t = tl.exp2(s_t - lse2[None, :])
+            if CAUSAL and phase == 0:
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     out_off = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # dk, dv contiguous
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-@triton.autotune(configs=_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(DQ_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ,
@@ -233,15 +282,17 @@ def _bwd_dq_kernel(
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sdb, sdh, sdt, sdd,
-    H, T,
+    H, T, T_KEY,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -258,22 +309,35 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    hi = T
     if CAUSAL:
+        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
         hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n0
-        col_ok = cols < T
-        k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)  # [BN, D]
-        v_t = tl.load(v_base + cols[None, :] * svt + offs_d[:, None] * svd, mask=col_ok[None, :], other=0.0)  # [D, BN]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        hi = T
+    for phase in tl.static_range(2):
+        lo_p = 0 if phase == 0 else full_hi
+        hi_p = full_hi if phase == 0 else hi
+        for start_n in range(lo_p, hi_p, BLOCK_N):
+            cols = start_n + offs_n0
+            k_ptrs = k_base + cols[:, None] * skt + offs_d[None, :] * skd  # [BN, D]
+            v_ptrs = v_base + cols[None, :] * svt + offs_d[:, None] * svd  # [D, BN]
+            if phase == 0:
+                k = tl.load(k_ptrs)
+                v_t = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=(cols < T)[:, None], other=0.0)
+                v_t = tl.load(v_ptrs, mask=(cols < T)[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            p = tl.exp2(s - lse2[:, None])
+            if phase == 1:
+                valid = (cols < T)[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[None, :] <= offs_m[:, None])
+                p = tl.where(valid, p, 0.0)
+            dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     out_off = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -282,6 +346,11 @@ def _bwd_dq_kernel(
 def _precision(dtype: torch.dtype, ieee: bool) -> str:
     # only fp32 operands have a choice; "tf32" is Triton's default and a no-op for fp16/bf16
     return "ieee" if (ieee and dtype == torch.float32) else "tf32"
+
+
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU, not whichever is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def forward(
@@ -316,26 +385,28 @@ def forward(
     maxp = stat(want_max_prob, b, h, t)
     cls = stat(want_class_mass, b, h, t, num_classes)
     same = stat(want_same_label, b, h, t)
-    dummy_int = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
-    kc = key_class if want_class_mass else dummy_int
-    lab = label if want_same_label else dummy_int
-    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](
-        q, k, v, out, lse2, ent, maxp, cls, same, kc, lab,
-        sm_scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *kc.stride(), *lab.stride(),
-        h, t,
-        HEAD_DIM=d,
-        CAUSAL=causal,
-        DOT_PRECISION=_precision(q.dtype, ieee),
-        WANT_ENT=want_entropy,
-        WANT_MAXP=want_max_prob,
-        WANT_CLS=want_class_mass,
-        NUM_CLASSES=max(num_classes, 1),
-        CLS_PAD=max(16, triton.next_power_of_2(max(num_classes, 1))),
-        WANT_SAME=want_same_label,
-    )  # fmt: skip
+    unused = torch.empty((1, 1), dtype=torch.int32, device=q.device)
+    # int32 ids keep the per-tile comparisons cheap in registers
+    kc = key_class.to(torch.int32) if want_class_mass else unused
+    lab = label.to(torch.int32) if want_same_label else unused
+    grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))
+    with _on_device(q):
+        _fwd_kernel[grid](
+            q, k, v, out, lse2, ent, maxp, cls, same, kc, lab,
+            sm_scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *kc.stride(), *lab.stride(),
+            h, t, triton.next_power_of_2(t),
+            HEAD_DIM=d,
+            CAUSAL=causal,
+            DOT_PRECISION=_precision(q.dtype, ieee),
+            WANT_ENT=want_entropy,
+            WANT_MAXP=want_max_prob,
+            WANT_CLS=want_class_mass,
+            NUM_CLASSES=max(num_classes, 1),
+            CLS_PAD=max(16, triton.next_power_of_2(max(num_classes, 1))),
+            WANT_SAME=want_same_label,
+        )  # fmt: skip
     return out, lse2, ent, maxp, cls, same
 
 
@@ -352,19 +423,21 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, dtype of q) from the saved forward."""
     b, h, t, d = q.shape
-    delta = (out.float() * grad_out.float()).sum(-1).contiguous()  # [B, H, T]
+    delta = torch.linalg.vecdot(out.float(), grad_out.float()).contiguous()  # [B, H, T]
     dq = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_precision(q.dtype, ieee))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scale_log2 = sm_scale * LOG2E
-    grid_n = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * h)
-    _bwd_dkdv_kernel[grid_n](q, k, v, grad_out, lse2, delta, dk, dv, scale_log2, sm_scale, *strides, h, t, **common)
-    grid_m = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-    _bwd_dq_kernel[grid_m](q, k, v, grad_out, lse2, delta, dq, scale_log2, sm_scale, *strides, h, t, **common)
+    t_key = triton.next_power_of_2(t)
+    grid_n = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_N"]))
+    grid_m = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))
+    with _on_device(q):
+        _bwd_dkdv_kernel[grid_n](
+            q, k, v, grad_out, lse2, delta, dk, dv, scale_log2, sm_scale, *strides, h, t, t_key, **common
+        )
+        _bwd_dq_kernel[grid_m](
+            q, k, v, grad_out, lse2, delta, dq, scale_log2, sm_scale, *strides, h, t, t_key, **common
+        )
     return dq, dk, dv
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

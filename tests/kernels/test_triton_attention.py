@@ -185,13 +185,15 @@ def test_compiles_without_graph_breaks():
     [
         (dict(d=24), "head dimension of 24"),
         (dict(dtype=torch.float64), "supports dtypes"),
+        (dict(num_classes=65), "at most 64 key classes"),
     ],
 )
 def test_kernel_rejects_what_it_cannot_run(kwargs, message):
-    d, dtype = kwargs.get("d", 16), kwargs.get("dtype", torch.float32)
+    d, dtype, c = kwargs.get("d", 16), kwargs.get("dtype", torch.float32), kwargs.get("num_classes", 0)
     q = torch.randn(1, 1, 5, d, dtype=dtype)
+    stats = {"stats": ("class_mass",), "key_class": torch.zeros(1, 5, dtype=torch.long), "num_classes": c} if c else {}
     with pytest.raises(ValueError, match=message):
-        capture_attention(q, q, q, backend="triton")
+        capture_attention(q, q, q, backend="triton", **stats)
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
@@ -215,12 +217,19 @@ def test_auto_backend_uses_the_reference_on_cpu():
 def test_autotune_pruning_fits_blocks_to_the_problem():
     from lightning_icl.kernels import triton_attention as ta
 
-    short = ta._prune(ta.GPU_CONFIGS, {"T": 20}, HEAD_DIM=64)
-    assert short and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in short)
-    wide = ta._prune(ta.GPU_CONFIGS, {"T": 4096}, HEAD_DIM=128)
-    assert wide and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in wide)
-    assert len(ta._prune(ta.GPU_CONFIGS, {"T": 4096}, HEAD_DIM=64)) > len(wide)
-    assert ta._configs() == (ta.INTERPRETER_CONFIGS if ta.INTERPRETED else ta.GPU_CONFIGS)
+    for configs in (ta.FWD_CONFIGS, ta.DKDV_CONFIGS, ta.DQ_CONFIGS):
+        short = ta._prune(configs, {"T": 20}, HEAD_DIM=64)
+        assert short and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in short)
+        long = ta._prune(configs, {"T": 4096}, HEAD_DIM=64)
+        assert long and all(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 64 for c in long)
+        wide = ta._prune(configs, {"T": 4096}, HEAD_DIM=128)
+        assert wide and all(c.num_stages <= 3 for c in wide) and len(wide) < len(long)
+    plain = ta._prune(ta.FWD_CONFIGS, {"T": 4096}, HEAD_DIM=64)
+    heavy = ta._prune(ta.FWD_CONFIGS, {"T": 4096}, HEAD_DIM=64, WANT_ENT=True, WANT_CLS=True, WANT_SAME=True)
+    assert (
+        heavy and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in heavy) and len(heavy) < len(plain)
+    )
+    assert ta._configs(ta.FWD_CONFIGS) == (ta.INTERPRETER_CONFIGS if ta.INTERPRETED else ta.FWD_CONFIGS)
 
 
 def test_model_on_the_kernel_compiles_as_one_graph():
