@@ -62,9 +62,11 @@ def eager_with_stats(q, k, v, causal, key_class, labels):
     return out, (lse, ent, maxp, cls, same)
 
 
-def make_flex(causal: bool):
+def make_flex(causal: bool, device: str):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if device != "cuda":
+        raise NotImplementedError("compiled FlexAttention returns its lse on CUDA only")
     compiled = torch.compile(flex_attention)
     try:
         from torch.nn.attention.flex_attention import AuxRequest
@@ -85,6 +87,7 @@ def make_flex(causal: bool):
 
 
 def provider_fn(name: str, causal: bool, key_class, labels) -> Callable:
+    device = key_class.device.type
     kw = dict(key_class=key_class, num_classes=NUM_CLASSES, query_label=labels)
     if name == "kernel":
         return lambda q, k, v: capture_attention(q, k, v, causal=causal, backend="triton")[0]
@@ -104,7 +107,7 @@ def provider_fn(name: str, causal: bool, key_class, labels) -> Callable:
     if name == "eager+stats":
         return lambda q, k, v: eager_with_stats(q, k, v, causal, key_class, labels)[0]
     if name == "flex+lse":
-        return make_flex(causal)
+        return make_flex(causal, device)
     raise ValueError(f"unknown provider {name!r}; choose from {GPU_PROVIDERS + CPU_PROVIDERS}")
 
 
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     time_ms = timer(args.device, warmup=0 if args.quick else 2, reps=1 if args.quick else 15)
 
-    rows = []
+    rows, skipped = [], []
     for d in head_dims:
         for t in seq_lens:
             b, h = max(1, tokens // t), max(1, width // d)
@@ -225,10 +228,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     new = run_one(name, b, h, t, d, not args.non_causal, dtype, args.device, time_ms)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
-                    print(f"{name} T={t} Dh={d}: out of memory", flush=True)
+                    skipped.append(f"{name} T={t} Dh={d}: out of memory")
+                    print(skipped[-1], flush=True)
                     continue
-                except NotImplementedError as err:  # e.g. FlexAttention has no CPU backward
-                    print(f"{name} T={t} Dh={d}: skipped ({err})", flush=True)
+                except Exception as err:  # one provider failing (e.g. no CPU FlexAttention) must not end the sweep
+                    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                    skipped.append(f"{name} T={t} Dh={d}: not measured ({type(err).__name__}: {first_line})")
+                    print(skipped[-1], flush=True)
                     continue
                 rows += new
                 print(
@@ -240,6 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n".join(summary))
     device_name = torch.cuda.get_device_name().replace(" ", "_") if on_gpu else "cpu"
     notes = "Ratios measured side by side in this run:\n\n" + "\n".join(f"- {line}" for line in summary)
+    if skipped:
+        notes += "\n\nNot measured:\n\n" + "\n".join(f"- {line}" for line in skipped)
     stem = f"attention_{device_name}" + ("_quick" if args.quick else "")
     for path in write_tables(rows, args.out, stem, f"Attention with statistics: {args.device}", notes):
         print("wrote", path)
