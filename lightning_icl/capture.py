@@ -25,6 +25,8 @@ class CaptureSpec:
         stats: attention statistics to keep, among ``lse``, ``entropy``, ``max_prob``,
             ``class_mass``, ``same_label_mass``; ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``).
         positions: ``"all"``, ``"last"``, or a long tensor of indices ``[P]`` or ``[B, P]``.
+        qk: keep queries and keys (after rotary) at every position, ``[B, H, T, Dh]``, so that
+            single attention probabilities can be recovered with ``attention_probability``.
     """
 
     layers: Sequence[int] | None = None
@@ -32,6 +34,7 @@ class CaptureSpec:
     heads: bool = False
     stats: Sequence[str] = ()
     positions: str | Tensor = "last"
+    qk: bool = False
 
     def __post_init__(self) -> None:
         self.stats = tuple(self.stats)
@@ -88,13 +91,16 @@ class Capture:
     ``residual[l]`` ``[B, P, D]`` is the output of block ``l``; ``heads[l]``
     ``[B, H, P, Dh]`` the per-head z of block ``l``; ``stats[l][name]``
     ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``). ``positions`` ``[B, P]`` says
-    which sequence positions the P axis holds.
+    which sequence positions the P axis holds. ``q[l]``, ``k[l]`` ``[B, H, T, Dh]`` cover
+    every position (when ``CaptureSpec.qk``).
     """
 
     positions: Tensor
     residual: dict[int, Tensor] = field(default_factory=dict)
     heads: dict[int, Tensor] = field(default_factory=dict)
     stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    q: dict[int, Tensor] = field(default_factory=dict)
+    k: dict[int, Tensor] = field(default_factory=dict)
 
 
 def gather_positions(x: Tensor, positions: Tensor, dim: int) -> Tensor:

@@ -110,6 +110,8 @@ class ICLModule(L.LightningModule):
         # Callbacks may ask the training step to capture activations; the result is kept here.
         self.train_capture_spec: CaptureSpec | None = None
         self.last_capture: Capture | None = None
+        # Attribution callbacks set gates [L, H] (ones, requiring grad) used by the training forward.
+        self.train_head_gates: Tensor | None = None
         self.last_eval: dict[str, float] = {}
 
     # ---- forward and loss -------------------------------------------------------------
@@ -133,7 +135,7 @@ class ICLModule(L.LightningModule):
         return (pred.float() - batch.targets[mask].float()) ** 2, None
 
     def training_step(self, batch: ICLBatch, batch_idx: int) -> Tensor:
-        outputs, self.last_capture = self(batch, capture=self.train_capture_spec)
+        outputs, self.last_capture = self(batch, capture=self.train_capture_spec, head_gates=self.train_head_gates)
         loss, correct = self.per_position_loss(outputs, batch)
         loss = loss.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))

@@ -5,6 +5,7 @@ import json
 import lightning as L
 import pytest
 import torch
+
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 
 

@@ -4,10 +4,10 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl import ICLModule, SparseLinearRegressionDataModule
 from lightning_icl.metrics import PerShotMean, per_shot_mean
 from lightning_icl.optim import lr_factor

@@ -46,6 +46,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.rotary, self.backend = rotary, backend
+        self.keep_qk, self.last_qk = False, None  # set by the model for one forward when a capture asks
 
     def forward(
         self,
@@ -74,6 +75,7 @@ class Attention(nn.Module):
             backend=self.backend,
         )  # z: [B, H, T, Dh]
         y = z if gate is None else _gate_heads(z, gate, ablate_with)
+        self.last_qk = (q.detach(), k.detach()) if self.keep_qk else None
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), z, st
 
 
@@ -238,6 +240,7 @@ class ICLTransformer(nn.Module):
             stats = capture.stats if keep else ()
             gate = None if gates is None else gates[..., i, :]
             mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
+            block.attn.keep_qk = keep and capture.qk
             h, z, st = block(
                 h, stats=stats, key_class=key_class, num_classes=num_classes, labels=labels, gate=gate, ablate_with=mu
             )
@@ -249,6 +252,9 @@ class ICLTransformer(nn.Module):
                     result.heads[i] = gather_positions(z.detach(), pos, dim=2)
                 if st:
                     result.stats[i] = {name: gather_positions(val, pos, dim=2) for name, val in st.items()}
+                if capture.qk:
+                    result.q[i], result.k[i] = block.attn.last_qk
+                    block.attn.keep_qk, block.attn.last_qk = False, None
         h = self.ln_f(h)
         if self.is_token_model:
             out = F.linear(h, self.embed.weight) if self.unembed is None else self.unembed(h)

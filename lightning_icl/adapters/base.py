@@ -1,0 +1,93 @@
+"""What the callbacks need from a model, whoever built it.
+
+An :class:`Adapter` runs a LightningModule's model on a batch with a
+:class:`~lightning_icl.capture.CaptureSpec` and optional head gates, scores the
+outputs at the answer positions, and exposes hooks into the training step (a
+capture to keep, gates whose gradient gives head attributions). The package's own
+:class:`~lightning_icl.ICLModule` has :class:`ICLModuleAdapter`; Hugging Face
+decoders and any model with a per-head output projection have
+:class:`~lightning_icl.adapters.hooks.HookAdapter` and its subclasses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import lightning as L
+from torch import Tensor
+
+from lightning_icl.capture import Capture, CaptureSpec
+
+
+@dataclass
+class Scored:
+    """Per-example scores at the ``P`` answer positions of each sequence.
+
+    ``loss`` ``[B, P]`` (cross-entropy or squared error), ``correct`` ``[B, P]`` (token
+    tasks; ``None`` otherwise), ``shot`` ``[B, P]`` the example index of each position.
+    """
+
+    loss: Tensor
+    correct: Tensor | None
+    shot: Tensor
+
+
+class Adapter(ABC):
+    """The model-side contract of the callbacks.
+
+    Attributes:
+        n_layers, n_heads, head_dim: the model's attention layout.
+        native_stats: attention statistics come from the fused attention pass; when
+            False, callbacks that need them say so and skip them.
+    """
+
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    native_stats: bool = False
+
+    def __init__(self, module: L.LightningModule) -> None:
+        self.module = module
+
+    @abstractmethod
+    def forward(
+        self,
+        batch,
+        capture: CaptureSpec | None = None,
+        head_gates: Tensor | None = None,
+        ablate_with: str | Tensor | None = None,
+    ) -> tuple[Tensor, Capture | None]:
+        """Run the model on ``batch``; ``head_gates`` ``[L, H]`` or ``[B, L, H]``."""
+
+    @abstractmethod
+    def score(self, outputs: Tensor, batch) -> Scored:
+        """Loss (and correctness) at the answer positions."""
+
+    @abstractmethod
+    def answer_positions(self, batch) -> Tensor:
+        """``[B, P]`` positions whose next token is an answer (the token before each answer)."""
+
+    @abstractmethod
+    def concept(self, batch) -> Tensor:
+        """``[B]`` concept label of each sequence."""
+
+    @abstractmethod
+    def batch_size(self, batch) -> int: ...
+
+    @abstractmethod
+    def repeat(self, batch, times: int):
+        """The batch repeated ``times`` times along the batch axis (for batched ablation)."""
+
+    # ---- hooks into the training step -------------------------------------------------
+    @abstractmethod
+    def set_training_capture(self, spec: CaptureSpec | None) -> None:
+        """Ask the next training forwards to keep ``spec`` (``None`` stops)."""
+
+    @abstractmethod
+    def training_capture(self) -> Capture | None:
+        """What the last training forward kept."""
+
+    @abstractmethod
+    def set_training_gates(self, gates: Tensor | None) -> None:
+        """Gates ``[L, H]`` (ones, requiring grad) applied in the training forwards."""

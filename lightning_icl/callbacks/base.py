@@ -1,0 +1,187 @@
+"""Shared machinery of the interpretability callbacks: cadence, held-out batches, logging, state."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_icl.adapters import Adapter, adapter_for
+
+
+class ICLCallback(L.Callback):
+    """Base of the metric callbacks.
+
+    Args:
+        every_n_steps: run after every N optimizer steps (``None``: never on steps).
+        on_validation: run at the end of every validation (never during the sanity check).
+        num_batches: held-out batches to evaluate on (from the DataModule's validation
+            loader ``dataloader_idx``), shared out between DDP ranks.
+        dataloader_idx: which validation loader (e.g. split) to draw from.
+
+    Every run appends a record to ``history`` (saved with the checkpoint), to
+    ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's loggers.
+    """
+
+    name = "icl"
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        on_validation: bool = True,
+        num_batches: int = 2,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        if dataloader_idx < 0:
+            raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx}")
+        self.every_n_steps, self.on_validation = every_n_steps, on_validation
+        self.num_batches, self.dataloader_idx = num_batches, dataloader_idx
+        self.history: list[dict[str, Any]] = []
+        self._adapter: Adapter | None = None
+        self._warned: set[str] = set()
+
+    # ---- subclasses implement -----------------------------------------------------------
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Compute the metric; return a JSON-able record (scalars and nested lists)."""
+        raise NotImplementedError
+
+    def scalars(self, record: dict[str, Any]) -> dict[str, float]:
+        """Which numbers of a record go to the loggers."""
+        return {}
+
+    def figure(self, record: dict[str, Any]):
+        """A matplotlib figure for the record, or None."""
+        return None
+
+    # ---- cadence ------------------------------------------------------------------------
+    def adapter(self, pl_module: L.LightningModule) -> Adapter:
+        if self._adapter is None or self._adapter.module is not pl_module:
+            self._adapter = adapter_for(pl_module)
+        return self._adapter
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._last_step != step:
+            self._run(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self._run(trainer, pl_module)
+
+    @property
+    def _last_step(self) -> int | None:
+        return self.history[-1]["step"] if self.history else None
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            record = {"step": trainer.global_step, **self.measure(trainer, pl_module)}
+        finally:
+            pl_module.train(was_training)
+        self.history.append(record)
+        self._publish(trainer, record)
+
+    # ---- data ---------------------------------------------------------------------------
+    def eval_batches(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader_idx: int | None = None
+    ) -> Iterator:
+        """This rank's share of the first ``num_batches`` held-out batches, on the module's device.
+
+        Batch ``i`` goes to rank ``i % world_size``, so all ranks together see exactly the
+        batches one process would.
+        """
+        loaders = None
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+            loaders = trainer.datamodule.val_dataloader()
+        if loaders is None:
+            loaders = trainer.val_dataloaders
+        if loaders is None:
+            raise ValueError(f"{type(self).__name__} needs validation data: give the Trainer a val dataloader")
+        idx = self.dataloader_idx if dataloader_idx is None else dataloader_idx
+        if isinstance(loaders, (list, tuple)):
+            if idx >= len(loaders):
+                raise ValueError(f"dataloader_idx={idx} but there are {len(loaders)} validation loaders")
+            loader = loaders[idx]
+        else:
+            loader = loaders
+        rank, world = trainer.global_rank, trainer.world_size
+        for i, batch in enumerate(loader):
+            if i >= self.num_batches:
+                break
+            if i % world == rank:
+                yield pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+
+    # ---- output -------------------------------------------------------------------------
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            rank_zero_warn(message)
+
+    def num_loaders(self, trainer: L.Trainer) -> int:
+        loaders = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
+        return len(loaders) if isinstance(loaders, (list, tuple)) else 1
+
+    def _publish(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        scalars = {f"{self.name}/{k}": v for k, v in self.scalars(record).items()}
+        for logger in trainer.loggers:
+            if scalars:
+                logger.log_metrics(scalars, step=record["step"])
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, f"{self.name}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        fig = self.figure(record)
+        if fig is None:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(self.name, fig, global_step=record["step"])
+        os.makedirs(os.path.join(log_dir, "figures"), exist_ok=True)
+        fig.savefig(os.path.join(log_dir, "figures", f"{self.name}.png"), dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    # ---- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def heatmap(values, title: str, colorbar: str, row_label: str = "layer", col_label: str = "head"):
+    """A ``[rows, cols]`` heatmap figure with labelled axes and a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.as_tensor(values, dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * values.shape[1], 1.0 + 0.45 * values.shape[0]))
+    limit = float(values.abs().max()) or 1.0
+    signed = bool((values < 0).any())
+    image = ax.imshow(
+        values, cmap="RdBu_r" if signed else "viridis", vmin=-limit if signed else None, vmax=limit if signed else None
+    )
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_yticks(range(values.shape[0]))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,95 @@
+"""``ConceptDecodability``: which layers encode the task concept (Han et al. 2024), during training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_icl.capture import CaptureSpec
+from lightning_icl.metrics import ConceptDecodability as DecodabilityMetric
+from lightning_icl.metrics.functional import DISTANCES, concept_decodability, ridge_probe_accuracy
+
+from .base import ICLCallback, heatmap
+
+
+class ConceptDecodability(ICLCallback):
+    """Leave-one-out kNN decodability of the concept label at every layer.
+
+    Features are the residual stream after each block at the token before the last
+    answer of each held-out sequence. Logs ``decodability/layer_<l>``, ``decodability/peak``,
+    ``decodability/peak_layer`` (and ``decodability/probe_layer_<l>`` with ``probe``);
+    the record also holds CD per concept at the peak layer. Under DDP the features of all
+    ranks are gathered first, so every rank computes the single-process value.
+
+    Args:
+        k: neighbours; distance: ``"euclidean"`` or ``"cosine"``.
+        probe: also fit a closed-form ridge probe on half the points and score it on the other half.
+        every_n_steps, on_validation, num_batches, dataloader_idx: see :class:`ICLCallback`.
+    """
+
+    name = "decodability"
+
+    def __init__(
+        self,
+        k: int = 10,
+        distance: str = "euclidean",
+        probe: bool = False,
+        every_n_steps: int | None = None,
+        on_validation: bool = True,
+        num_batches: int = 4,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        self.k, self.distance, self.probe = k, distance, probe
+
+    @torch.no_grad()
+    def measure(self, trainer, pl_module) -> dict[str, Any]:
+        adapter = self.adapter(pl_module)
+        metric = DecodabilityMetric(self.k, self.distance).to(pl_module.device)
+        for batch in self.eval_batches(trainer, pl_module):
+            last = adapter.answer_positions(batch)[:, -1:]  # the token before the final answer
+            _, cap = adapter.forward(batch, capture=CaptureSpec(residual=True, positions=last))
+            features = torch.stack([cap.residual[layer][:, 0] for layer in sorted(cap.residual)], dim=1)  # [B, L, D]
+            metric.update(features, adapter.concept(batch))
+        metric.sync(should_sync=trainer.world_size > 1)  # every rank now holds every point
+        features, labels = metric.gathered()
+        if trainer.world_size > 1:
+            metric.unsync()
+        layers = features.transpose(0, 1)  # [L, N, D]
+        cd, concepts, per_concept = concept_decodability(layers, labels, self.k, self.distance, per_concept=True)
+        peak = int(cd.argmax())
+        record = {
+            "cd": cd.tolist(),
+            "peak_layer": peak,
+            "peak": float(cd[peak]),
+            "concepts": concepts.tolist(),
+            "cd_per_concept_at_peak": per_concept[peak].tolist(),
+            "num_points": int(labels.numel()),
+        }
+        if self.probe:
+            train, test = slice(0, None, 2), slice(1, None, 2)
+            record["probe"] = [
+                float(ridge_probe_accuracy(x[train], labels[train], x[test], labels[test])) for x in layers
+            ]
+        return record
+
+    def scalars(self, record):
+        out = {f"layer_{i}": v for i, v in enumerate(record["cd"])}
+        out.update(peak=record["peak"], peak_layer=record["peak_layer"])
+        out.update({f"probe_layer_{i}": v for i, v in enumerate(record.get("probe", []))})
+        return out
+
+    def figure(self, record):
+        steps = [r["step"] for r in self.history]
+        values = torch.tensor([r["cd"] for r in self.history]).T  # [L, steps]
+        fig = heatmap(values, "concept decodability per layer over training", "kNN accuracy", "layer", "evaluation")
+        ax = fig.axes[0]
+        ax.set_xticks(range(len(steps)))
+        ax.set_xticklabels([str(s) for s in steps], rotation=90, fontsize=6)
+        ax.set_xlabel("optimizer step")
+        return fig
