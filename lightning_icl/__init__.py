@@ -1,5 +1,6 @@
 """lightning_icl: study in-context learning inside transformers while they train."""
 
+from lightning_icl.callbacks import AttentionStatistics, ConceptDecodability, HeadAblation, HeadAttribution, ICLCurves
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
@@ -15,9 +16,14 @@ from lightning_icl.tasks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionStatistics",
     "Capture",
     "CaptureSpec",
+    "ConceptDecodability",
+    "HeadAblation",
+    "HeadAttribution",
     "ICLBatch",
+    "ICLCurves",
     "ICLDataModule",
     "ICLModule",
     "ICLTransformer",

@@ -13,8 +13,12 @@ def readme() -> str:
         return f.read()
 
 
+def snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", readme(), flags=re.S)
+
+
 def test_python_snippet_runs():
-    (snippet,) = re.findall(r"```python\n(.*?)```", readme(), flags=re.S)
+    snippet = next(s for s in snippets() if "CaptureSpec" in s)
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     cap = namespace["cap"]
@@ -32,3 +36,15 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.split(". .venv/bin/activate && ", 1)[1] in ci
     quickstart = next(b.strip() for b in blocks if "configs/quickstart.yaml" in b)
     assert os.path.exists(os.path.join(ROOT, "configs", "quickstart.yaml")) and "lightning-icl fit" in quickstart
+
+
+def test_drop_in_snippet_runs_and_measures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snippet = next(s for s in snippets() if "GPT2LMHeadModel" in s)
+    assert len([line for line in snippet.splitlines() if line.strip()]) < 15
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    decodability, ablation = namespace["callbacks"][:2]  # the Trainer appends its own to the list
+    assert [r["step"] for r in decodability.history] == [10, 20]
+    assert len(decodability.history[-1]["cd"]) == 2  # one value per GPT-2 block
+    assert torch.tensor(ablation.history[-1]["loss_effect"]).shape == (2, 4)

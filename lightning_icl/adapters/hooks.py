@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_icl.capture import Capture, CaptureSpec, gather_positions
+from lightning_icl.models.transformer import gate_heads
 
 from .base import Adapter, Scored
 
@@ -356,16 +357,7 @@ def _infer_head_dim(proj: nn.Module, n_heads: int) -> int:
 
 
 def _gate(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Tensor:
-    """``g * z + (1 - g) * mu`` per head on z ``[B, T, H, Dh]``; gate ``[H]`` or ``[B, H]``.
-
-    The same rule as the package's own model, in the projection's ``[B, T, H, Dh]`` layout.
-    """
-    g = gate.to(z.dtype).reshape(-1 if gate.dim() == 2 else 1, 1, z.shape[2], 1)
-    if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
-        return g * z
-    if isinstance(ablate_with, str):  # "resample": each example takes its neighbour's head outputs
-        mu = torch.roll(z, shifts=1, dims=0)
-    else:  # a mean per head [H, Dh], or per position [H, T, Dh]
-        mu = ablate_with.to(device=z.device, dtype=z.dtype)
-        mu = mu[None, None] if mu.dim() == 2 else mu[:, : z.shape[1]].transpose(0, 1)[None]
-    return g * z + (1 - g) * mu
+    """:func:`gate_heads` in the projection's ``[B, T, H, Dh]`` layout."""
+    if isinstance(ablate_with, Tensor):
+        ablate_with = ablate_with.to(device=z.device)
+    return gate_heads(z.transpose(1, 2), gate, ablate_with).transpose(1, 2)

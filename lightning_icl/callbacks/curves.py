@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ class ICLCurves(ICLCallback):
         for idx in range(self.num_loaders(trainer)):
             name, sums, concept_sums = f"loader{idx}", {}, {}
             for batch in self.eval_batches(trainer, pl_module, dataloader_idx=idx):
-                name = getattr(batch, "split", name)
+                name = batch.get("split", name) if isinstance(batch, Mapping) else getattr(batch, "split", name)
                 scored = adapter.score(adapter.forward(batch)[0], batch)
                 n_shots = int(scored.shot.max()) + 1
                 values = {"loss": scored.loss} | ({"acc": scored.correct} if scored.correct is not None else {})

@@ -74,13 +74,17 @@ class Attention(nn.Module):
             query_label=labels,
             backend=self.backend,
         )  # z: [B, H, T, Dh]
-        y = z if gate is None else _gate_heads(z, gate, ablate_with)
+        y = z if gate is None else gate_heads(z, gate, ablate_with)
         self.last_qk = (q.detach(), k.detach()) if self.keep_qk else None
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), z, st
 
 
-def _gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Tensor:
-    """``g * z + (1 - g) * mu`` per head; gate ``[H]`` or ``[B, H]``."""
+def gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Tensor:
+    """``g * z + (1 - g) * mu`` per head on z ``[B, H, T, Dh]``; gate ``[H]`` or ``[B, H]``.
+
+    ``ablate_with`` (mu): ``None``/``"zero"``, ``"resample"`` (the previous example's z) or a
+    mean ``[H, Dh]`` / ``[H, T, Dh]``. Every adapter gates through this one rule.
+    """
     g = gate.to(z.dtype).reshape(-1 if gate.dim() == 2 else 1, z.shape[1], 1, 1)
     if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
         return g * z

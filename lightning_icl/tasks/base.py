@@ -11,6 +11,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import lightning as L
 import torch
@@ -18,8 +19,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from .batch import ICLBatch
 
+BATCH_FORMATS = ("icl", "causal_lm")
+"""``icl``: :class:`ICLBatch`; ``causal_lm``: Hugging Face dicts (``ICLBatch.as_causal_lm``)."""
+
 Sampler = Callable[[torch.Generator, int], ICLBatch]
 """``sampler(generator, index) -> ICLBatch``: draws one batch from the generator."""
+
+
+def _as_causal_lm(sampler: Sampler, generator: torch.Generator, index: int) -> dict:
+    return sampler(generator, index).as_causal_lm()
 
 
 def derive_seed(*parts: object) -> int:
@@ -108,9 +116,18 @@ class ICLDataModule(L.LightningDataModule, ABC):
     """
 
     def __init__(
-        self, batch_size: int, eval_batch_size: int | None, num_eval_batches: int, seed: int, num_workers: int
+        self,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_eval_batches: int,
+        seed: int,
+        num_workers: int,
+        batch_format: str = "icl",
     ) -> None:
         super().__init__()
+        if batch_format not in BATCH_FORMATS:
+            raise ValueError(f"batch_format must be one of {BATCH_FORMATS}, got {batch_format!r}")
+        self.batch_format = batch_format
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         check_positive("batch_size", batch_size)
         check_positive("eval_batch_size", eval_batch_size)
@@ -130,6 +147,9 @@ class ICLDataModule(L.LightningDataModule, ABC):
     def eval_samplers(self) -> dict[str, Sampler]:
         """Evaluation splits in a fixed order, name -> sampler."""
 
+    def _formatted(self, sampler: Sampler) -> Sampler:
+        return sampler if self.batch_format == "icl" else partial(_as_causal_lm, sampler)
+
     def _loader(self, dataset: Dataset | IterableDataset) -> DataLoader:
         return DataLoader(
             dataset,
@@ -144,11 +164,11 @@ class ICLDataModule(L.LightningDataModule, ABC):
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
             rank = self.trainer.global_rank
-        return self._loader(TrainStream(self.train_sampler(), self.seed, start, rank))
+        return self._loader(TrainStream(self._formatted(self.train_sampler()), self.seed, start, rank))
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         return [
-            self._loader(FixedBatches(sampler, self.seed, f"{stage}/{name}", self.num_eval_batches))
+            self._loader(FixedBatches(self._formatted(sampler), self.seed, f"{stage}/{name}", self.num_eval_batches))
             for name, sampler in self.eval_samplers().items()
         ]
 

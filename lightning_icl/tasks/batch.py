@@ -35,6 +35,20 @@ class ICLBatch:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    def as_causal_lm(self) -> dict[str, Tensor]:
+        """The batch in the Hugging Face causal-LM convention (token tasks only).
+
+        ``input_ids`` ``[B, T+1]`` (inputs plus the final target), ``labels`` the same tokens with
+        -100 everywhere but the answers (the model shifts them itself), ``concept`` ``[B]`` and
+        ``split`` (a name).
+        """
+        if self.inputs.is_floating_point():
+            raise ValueError("as_causal_lm needs a token task; this batch holds vectors")
+        input_ids = torch.cat([self.inputs, self.targets[:, -1:]], dim=1)
+        labels = torch.full_like(input_ids, -100)
+        labels[:, 1:][self.mask] = self.targets[self.mask]
+        return {"input_ids": input_ids, "labels": labels, "concept": self.concept, "split": self.split}
+
     def scored_positions(self) -> Tensor:
         """``[B, P]`` indices of the scored positions; every row must score the same count."""
         counts = self.mask.sum(dim=1)

@@ -115,6 +115,8 @@ class ModularArithmeticDataModule(ICLDataModule):
         eval_batch_size: sequences per evaluation batch (default: batch_size).
         num_eval_batches: batches per evaluation split.
         seed: fixes the task sets, the alpha split and every batch.
+        batch_format: ``"icl"`` (:class:`ICLBatch`) or ``"causal_lm"`` (Hugging Face dicts with
+            ``input_ids``, ``labels`` and ``concept``, for a user's own language model).
 
     The concept label of a sequence is ``a*p + b``. Evaluation splits:
     ``id_seen``, ``id_unseen``, ``ood_seen``, ``ood_unseen`` (empty ones are dropped).
@@ -134,8 +136,9 @@ class ModularArithmeticDataModule(ICLDataModule):
         num_eval_batches: int = 4,
         seed: int = 0,
         num_workers: int = 0,
+        batch_format: str = "icl",
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format)
         if not isinstance(p, int) or not is_prime(p):
             raise ValueError(f"p must be a prime, got {p!r}")
         if task_rule not in TASK_RULES:
