@@ -22,8 +22,9 @@ class ICLCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.task", compute_fn=_task_info, apply_on="instantiate")
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
-            for path in write_fit_report(self.trainer.log_dir):
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir is not None:
+            for path in write_fit_report(log_dir):
                 print(f"wrote {path}")
 
 

@@ -133,13 +133,13 @@ class ICLCallback(L.Callback):
         return len(loaders) if isinstance(loaders, (list, tuple)) else 1
 
     def _publish(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
         scalars = {f"{self.name}/{k}": v for k, v in self.scalars(record).items()}
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=record["step"])
-        log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, f"{self.name}.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -1,0 +1,41 @@
+"""Two processes on CPU: the callbacks log the values one process computes on the same held-out batches."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import tiny_modular, tiny_module, trainer_kwargs
+from lightning_icl.callbacks import ConceptDecodability, HeadAblation, ICLCurves
+
+
+def validate(tmp_path, devices):
+    torch.manual_seed(0)
+    data = tiny_modular(num_eval_batches=4)
+    module = tiny_module(data)
+    callbacks = [ConceptDecodability(k=5, num_batches=4), HeadAblation(num_batches=4), ICLCurves(num_batches=4)]
+    extra = dict(devices=2, strategy="ddp_spawn") if devices == 2 else {}
+    trainer = L.Trainer(**{**trainer_kwargs(tmp_path, logger=False, limit_val_batches=4, callbacks=callbacks), **extra})
+    trainer.validate(module, data, verbose=False)
+    # read what rank 0 wrote: with spawn, the callbacks in this process never ran
+    return {
+        name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[-1])
+        for name in ("decodability", "ablation", "icl_curves")
+    }
+
+
+@pytest.mark.slow
+def test_callbacks_under_ddp_equal_one_process(tmp_path):
+    single = validate(tmp_path / "one", 1)
+    double = validate(tmp_path / "two", 2)
+    assert double["decodability"]["num_points"] == single["decodability"]["num_points"] == 4 * 16
+    assert double["decodability"]["cd"] == pytest.approx(single["decodability"]["cd"], abs=1e-6)
+    assert double["decodability"]["cd_per_concept_at_peak"] == pytest.approx(
+        single["decodability"]["cd_per_concept_at_peak"]
+    )
+    for row_a, row_b in zip(double["ablation"]["loss_effect"], single["ablation"]["loss_effect"], strict=True):
+        assert row_a == pytest.approx(row_b, abs=1e-5)
+    assert double["ablation"]["clean_acc"] == pytest.approx(single["ablation"]["clean_acc"])
+    for split, curves in single["icl_curves"]["splits"].items():
+        assert double["icl_curves"]["splits"][split]["loss"] == pytest.approx(curves["loss"], abs=1e-5)
