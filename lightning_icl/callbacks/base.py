@@ -26,7 +26,9 @@ class ICLCallback(L.Callback):
         dataloader_idx: which validation loader (e.g. split) to draw from.
 
     Every run appends a record to ``history`` (saved with the checkpoint), to
-    ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's loggers.
+    ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's loggers. At the end of the
+    fit (or of a stand-alone validation) the latest record is drawn to
+    ``<log_dir>/figures/<name>.png`` and to TensorBoard when it is a logger.
     """
 
     name = "icl"
@@ -77,6 +79,11 @@ class ICLCallback(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.on_validation and not trainer.sanity_checking:
             self._run(trainer, pl_module)
+            if trainer.state.fn != "fit":  # a stand-alone validate: this is the end of the run
+                self._draw(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._draw(trainer)
 
     @property
     def _last_step(self) -> int | None:
@@ -143,6 +150,13 @@ class ICLCallback(L.Callback):
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, f"{self.name}.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _draw(self, trainer: L.Trainer) -> None:
+        """The figure of the latest record (drawing is slow next to a small model's step, so once per run)."""
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero or not self.history:
+            return
+        record = self.history[-1]
         fig = self.figure(record)
         if fig is None:
             return
