@@ -203,16 +203,6 @@ def check_head_dim(head_dim: int, argument: str = "head_dim") -> None:
         )
 
 
-__all__ = [
-    "BACKENDS",
-    "SUPPORTED_HEAD_DIMS",
-    "SUPPORTED_STATS",
-    "attention_probability",
-    "capture_attention",
-    "check_head_dim",
-]
-
-
 def attention_probability(
     q: Tensor, k: Tensor, lse: Tensor, key_index: Tensor, *, causal: bool = True, sm_scale: float | None = None
 ) -> Tensor:
@@ -234,3 +224,13 @@ def attention_probability(
     keys = torch.gather(k.float(), 2, safe[:, None, :, None].expand(b, h, t_q, d))  # [B, H, Tq, Dh]
     s = (q.float() * keys).sum(-1) * scale
     return torch.where(valid[:, None], torch.exp(s - lse.float()), torch.zeros_like(s)).detach()
+
+
+__all__ = [
+    "BACKENDS",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_STATS",
+    "attention_probability",
+    "capture_attention",
+    "check_head_dim",
+]
