@@ -100,6 +100,17 @@ class ICLCallback(L.Callback):
         self._publish(trainer, record)
 
     # ---- data ---------------------------------------------------------------------------
+    def validation_loaders(self, trainer: L.Trainer) -> list:
+        """The validation loaders, from the DataModule when there is one, else the Trainer's."""
+        loaders = None
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+            loaders = trainer.datamodule.val_dataloader()
+        if loaders is None:
+            loaders = trainer.val_dataloaders
+        if loaders is None:
+            raise ValueError(f"{type(self).__name__} needs validation data: give the Trainer a val dataloader")
+        return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
     def eval_batches(
         self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader_idx: int | None = None
     ) -> Iterator:
@@ -108,20 +119,11 @@ class ICLCallback(L.Callback):
         Batch ``i`` goes to rank ``i % world_size``, so all ranks together see exactly the
         batches one process would.
         """
-        loaders = None
-        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
-            loaders = trainer.datamodule.val_dataloader()
-        if loaders is None:
-            loaders = trainer.val_dataloaders
-        if loaders is None:
-            raise ValueError(f"{type(self).__name__} needs validation data: give the Trainer a val dataloader")
+        loaders = self.validation_loaders(trainer)
         idx = self.dataloader_idx if dataloader_idx is None else dataloader_idx
-        if isinstance(loaders, (list, tuple)):
-            if idx >= len(loaders):
-                raise ValueError(f"dataloader_idx={idx} but there are {len(loaders)} validation loaders")
-            loader = loaders[idx]
-        else:
-            loader = loaders
+        if idx >= len(loaders):
+            raise ValueError(f"dataloader_idx={idx} but there are {len(loaders)} validation loaders")
+        loader = loaders[idx]
         rank, world = trainer.global_rank, trainer.world_size
         for i, batch in enumerate(loader):
             if i >= self.num_batches:
@@ -134,10 +136,6 @@ class ICLCallback(L.Callback):
         if message not in self._warned:
             self._warned.add(message)
             rank_zero_warn(message)
-
-    def num_loaders(self, trainer: L.Trainer) -> int:
-        loaders = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
-        return len(loaders) if isinstance(loaders, (list, tuple)) else 1
 
     def _publish(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks

@@ -37,7 +37,7 @@ class ICLCurves(ICLCallback):
     def measure(self, trainer, pl_module) -> dict[str, Any]:
         adapter = self.adapter(pl_module)
         record: dict[str, Any] = {"splits": {}}
-        for idx in range(self.num_loaders(trainer)):
+        for idx in range(len(self.validation_loaders(trainer))):
             name, sums, concept_sums = f"loader{idx}", {}, {}
             for batch in self.eval_batches(trainer, pl_module, dataloader_idx=idx):
                 name = batch.get("split", name) if isinstance(batch, Mapping) else getattr(batch, "split", name)
@@ -48,8 +48,9 @@ class ICLCurves(ICLCallback):
                     total, count = per_shot_sums(v.flatten().float(), scored.shot.flatten(), n_shots)
                     sums[metric] = _add(sums.get(metric), torch.stack([total, count]))
                 if self.by_concept:
-                    for c in adapter.concept(batch).unique().tolist():
-                        rows = adapter.concept(batch) == c
+                    concept = adapter.concept(batch)
+                    for c in concept.unique().tolist():
+                        rows = concept == c
                         total, count = per_shot_sums(
                             scored.loss[rows].flatten().float(), scored.shot[rows].flatten(), n_shots
                         )
