@@ -40,10 +40,13 @@ def head_means(adapter: Adapter, batch) -> Tensor:
 def ablation_effects(
     adapter: Adapter, batch, mode: str = "zero", heads_per_forward: int | None = None, gate: float = 0.0
 ) -> AblationResult:
-    """Ablate every head, several per forward: the batch is replicated once per head and each
-    copy gets its own per-example gates, so L*H ablations cost ``ceil(L*H / heads_per_forward)``
-    forwards instead of L*H. ``gate`` is the value the ablated head's gate takes (0: full
-    ablation; e.g. 0.95 for a small, partial one).
+    """Ablate every head, up to ``heads_per_forward`` (default: all) per pass.
+
+    Each ablation is a variant of the batch with its own gates, run through
+    :meth:`Adapter.score_variants`: on the package's models one pass computes the clean run
+    and, per head, only the layers from the head's own up (the last layer at the answer
+    positions only); on other models the batch is replicated once per head. ``gate`` is the
+    value the ablated head's gate takes (0: full ablation; e.g. 0.95 for a small, partial one).
     """
     if mode not in ABLATIONS:
         raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
@@ -52,30 +55,22 @@ def ablation_effects(
     per = len(heads) if heads_per_forward is None else heads_per_forward
     if per < 1:
         raise ValueError(f"heads_per_forward must be >= 1, got {per}")
-    b = adapter.batch_size(batch)
-    clean = adapter.score(adapter.forward(batch)[0], batch)
     mu = {"zero": None, "resample": "resample", "mean": head_means(adapter, batch) if mode == "mean" else None}[mode]
-    loss = torch.zeros(n_l, n_h, dtype=torch.float64, device=clean.loss.device)
-    acc = torch.zeros_like(loss) if clean.correct is not None else None
+    losses, accs, clean = [], [], None
     for start in range(0, len(heads), per):
         chunk = heads[start : start + per]
-        gates = torch.ones(len(chunk), n_l, n_h, device=clean.loss.device)
+        gates = torch.ones(len(chunk), n_l, n_h, device=_device(adapter))
         for i, (layer, head) in enumerate(chunk):
             gates[i, layer, head] = gate
-        big = adapter.repeat(batch, len(chunk))  # copy i holds rows [i*B, (i+1)*B)
-        outputs, _ = adapter.forward(big, head_gates=gates.repeat_interleave(b, dim=0), ablate_with=mu)
-        scored = adapter.score(outputs, big)
-        chunk_loss = scored.loss.view(len(chunk), -1).double().mean(1)
-        chunk_acc = None if scored.correct is None else scored.correct.view(len(chunk), -1).double().mean(1)
-        for i, (layer, head) in enumerate(chunk):
-            loss[layer, head] = chunk_loss[i]
-            if acc is not None:
-                acc[layer, head] = chunk_acc[i]
+        clean, scored = adapter.score_variants(batch, gates, ablate_with=mu)
+        losses.append(scored.loss.flatten(1).double().mean(1))
+        if scored.correct is not None:
+            accs.append(scored.correct.flatten(1).double().mean(1))
     clean_loss = clean.loss.double().mean()
     clean_acc = None if clean.correct is None else clean.correct.double().mean()
     return AblationResult(
-        loss_effect=loss - clean_loss,
-        acc_effect=None if acc is None else acc - clean_acc,
+        loss_effect=torch.cat(losses).view(n_l, n_h) - clean_loss,
+        acc_effect=None if clean_acc is None else torch.cat(accs).view(n_l, n_h) - clean_acc,
         clean_loss=clean_loss,
         clean_acc=clean_acc,
         count=clean.loss.numel(),

@@ -144,7 +144,7 @@ class ICLModule(L.LightningModule):
         return loss
 
     # ---- evaluation -------------------------------------------------------------------
-    def _eval_step(self, batch: ICLBatch) -> None:
+    def _eval_step(self, batch: ICLBatch) -> dict[str, Tensor | None]:
         outputs, _ = self(batch)
         loss, correct = self.per_position_loss(outputs, batch)
         shot = batch.shot[batch.mask]
@@ -154,12 +154,16 @@ class ICLModule(L.LightningModule):
             metrics["acc"].update(correct, shot)
         else:
             metrics["mse"].update(loss, shot)
+        # what callbacks can reuse instead of running the batch again (e.g. ICLCurves)
+        return {"answer_loss": loss.detach(), "answer_correct": correct, "answer_shot": shot}
 
-    def validation_step(self, batch: ICLBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
+    def validation_step(self, batch: ICLBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor | None]:
+        """Updates the per-shot metrics; returns the loss, correctness and shot of every answer
+        (``[N]``, row-major over the batch's mask) for callbacks."""
+        return self._eval_step(batch)
 
-    def test_step(self, batch: ICLBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
+    def test_step(self, batch: ICLBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor | None]:
+        return self._eval_step(batch)
 
     def _eval_epoch_end(self, stage: str) -> None:
         results, curves = {}, []

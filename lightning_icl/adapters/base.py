@@ -79,6 +79,21 @@ class Adapter(ABC):
     def repeat(self, batch, times: int):
         """The batch repeated ``times`` times along the batch axis (for batched ablation)."""
 
+    def score_variants(
+        self, batch, head_gates: Tensor, ablate_with: str | Tensor | None = None
+    ) -> tuple[Scored, Scored]:
+        """Scores of the clean batch and of ``N`` gated variants of it (``head_gates`` ``[N, L, H]``).
+
+        The variants' ``loss``, ``correct`` and ``shot`` are ``[N, B, P]``. This default runs the
+        clean batch, then the batch replicated ``N`` times with per-example gates in one forward;
+        adapters that can share the work the variants have in common override it.
+        """
+        n, b = head_gates.shape[0], self.batch_size(batch)
+        clean = self.score(self.forward(batch)[0], batch)
+        copies = self.repeat(batch, n)  # copy i holds rows [i*B, (i+1)*B)
+        outputs, _ = self.forward(copies, head_gates=head_gates.repeat_interleave(b, dim=0), ablate_with=ablate_with)
+        return clean, _split_copies(self.score(outputs, copies), n)
+
     # ---- hooks into the training step -------------------------------------------------
     @abstractmethod
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
@@ -91,3 +106,9 @@ class Adapter(ABC):
     @abstractmethod
     def set_training_gates(self, gates: Tensor | None) -> None:
         """Gates ``[L, H]`` (ones, requiring grad) applied in the training forwards."""
+
+
+def _split_copies(scored: Scored, n: int) -> Scored:
+    """``[N * B, P]`` scores of a replicated batch as ``[N, B, P]``."""
+    split = lambda x: None if x is None else x.unflatten(0, (n, -1))
+    return Scored(loss=split(scored.loss), correct=split(scored.correct), shot=split(scored.shot))

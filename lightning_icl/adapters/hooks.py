@@ -98,6 +98,7 @@ class HookAdapter(Adapter):
         self._handles: list[RemovableHandle] = []
         self._call: _State | None = None  # set by forward() for one call only
         self._train = _State()  # applies to every other forward while set
+        self._copy_rows: int | None = None  # rows per copy while score_variants runs a replicated batch
 
     # ---- hooks --------------------------------------------------------------------------
     @property
@@ -160,7 +161,7 @@ class HookAdapter(Adapter):
         if state.gates is None:
             return None
         mu = state.ablate_with[layer] if isinstance(state.ablate_with, Tensor) else state.ablate_with
-        y = _gate(zh, state.gates[..., layer, :], mu).reshape(z.shape)
+        y = _gate(zh, state.gates[..., layer, :], mu, self._copy_rows if state is self._call else None).reshape(z.shape)
         if key is None:
             return (y, *args[1:]), kwargs
         return args, {**kwargs, key: y}
@@ -291,6 +292,16 @@ class HookAdapter(Adapter):
             for k, v in batch.items()
         }
 
+    def score_variants(
+        self, batch: Mapping[str, Any], head_gates: Tensor, ablate_with: str | Tensor | None = None
+    ) -> tuple[Scored, Scored]:
+        """The replicated forward of :meth:`Adapter.score_variants`; ``"resample"`` stays within each copy."""
+        self._copy_rows = self.batch_size(batch)
+        try:
+            return super().score_variants(batch, head_gates, ablate_with)
+        finally:
+            self._copy_rows = None
+
     # ---- hooks into the training step -------------------------------------------------
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
         """Record ``spec`` in every later forward of the model (``None`` stops and drops the last one)."""
@@ -356,8 +367,8 @@ def _infer_head_dim(proj: nn.Module, n_heads: int) -> int:
     return width // n_heads
 
 
-def _gate(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Tensor:
+def _gate(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None, group: int | None = None) -> Tensor:
     """:func:`gate_heads` in the projection's ``[B, T, H, Dh]`` layout."""
     if isinstance(ablate_with, Tensor):
         ablate_with = ablate_with.to(device=z.device)
-    return gate_heads(z.transpose(1, 2), gate, ablate_with).transpose(1, 2)
+    return gate_heads(z.transpose(1, 2), gate, ablate_with, group).transpose(1, 2)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.tasks.batch import ICLBatch
 
-from .base import Adapter, Scored
+from .base import Adapter, Scored, _split_copies
 
 
 class ICLModuleAdapter(Adapter):
@@ -35,6 +36,18 @@ class ICLModuleAdapter(Adapter):
             correct=None if correct is None else correct.view(b, -1),
             shot=batch.shot[batch.mask].view(b, -1),
         )
+
+    def score_variants(self, batch: ICLBatch, head_gates: Tensor, ablate_with=None) -> tuple[Scored, Scored]:
+        """One pass through :meth:`ICLTransformer.forward_variants`: each variant computes only the
+        layers from its first gated one up, and the last layer only at the answer positions."""
+        positions = batch.scored_positions()
+        clean, variants = self.module.model.forward_variants(batch.inputs, head_gates, ablate_with, positions)
+        n = head_gates.shape[0]
+        at = lambda x: torch.gather(x, 1, positions)
+        answers = replace(
+            batch, targets=at(batch.targets), mask=torch.ones_like(positions, dtype=torch.bool), shot=at(batch.shot)
+        )  # the batch seen only at its answer positions, where the outputs were read
+        return self.score(clean, answers), _split_copies(self.score(variants.flatten(0, 1), self.repeat(answers, n)), n)
 
     def answer_positions(self, batch: ICLBatch) -> Tensor:
         return batch.scored_positions()

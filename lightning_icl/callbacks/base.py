@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,8 @@ class ICLCallback(L.Callback):
         num_batches: held-out batches to evaluate on (from the DataModule's validation
             loader ``dataloader_idx``), shared out between DDP ranks.
         dataloader_idx: which validation loader (e.g. split) to draw from.
+        tag: tells apart two callbacks of one class in a Trainer (e.g. two splits): files,
+            logged names and checkpoint state use ``<name>_<tag>`` instead of ``<name>``.
 
     Every run appends a record to ``history`` (saved with the checkpoint), to
     ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's loggers. At the end of the
@@ -39,6 +42,7 @@ class ICLCallback(L.Callback):
         on_validation: bool = True,
         num_batches: int = 2,
         dataloader_idx: int = 0,
+        tag: str | None = None,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
@@ -48,6 +52,9 @@ class ICLCallback(L.Callback):
             raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx}")
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
         self.num_batches, self.dataloader_idx = num_batches, dataloader_idx
+        if tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+            raise ValueError(f"tag must be letters, digits, '_', '.' or '-' (it names files), got {tag!r}")
+        self.tag = tag
         self.history: list[dict[str, Any]] = []
         self._adapter: Adapter | None = None
         self._warned: set[str] = set()
@@ -64,6 +71,15 @@ class ICLCallback(L.Callback):
     def figure(self, record: dict[str, Any]):
         """A matplotlib figure for the record, or None."""
         return None
+
+    @property
+    def key(self) -> str:
+        """``name``, or ``name_tag``: the stem of this callback's files and logged names."""
+        return self.name if self.tag is None else f"{self.name}_{self.tag}"
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__qualname__ if self.tag is None else f"{type(self).__qualname__}[{self.tag}]"
 
     # ---- cadence ------------------------------------------------------------------------
     def adapter(self, pl_module: L.LightningModule) -> Adapter:
@@ -141,12 +157,12 @@ class ICLCallback(L.Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        scalars = {f"{self.name}/{k}": v for k, v in self.scalars(record).items()}
+        scalars = {f"{self.key}/{k}": v for k, v in self.scalars(record).items()}
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=record["step"])
         os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, f"{self.name}.jsonl"), "a") as f:
+        with open(os.path.join(log_dir, f"{self.key}.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _draw(self, trainer: L.Trainer) -> None:
@@ -160,9 +176,9 @@ class ICLCallback(L.Callback):
             return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(self.name, fig, global_step=record["step"])
+                logger.experiment.add_figure(self.key, fig, global_step=record["step"])
         os.makedirs(os.path.join(log_dir, "figures"), exist_ok=True)
-        fig.savefig(os.path.join(log_dir, "figures", f"{self.name}.png"), dpi=110)
+        fig.savefig(os.path.join(log_dir, "figures", f"{self.key}.png"), dpi=110)
         import matplotlib.pyplot as plt
 
         plt.close(fig)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lightning_icl.metrics.shots import per_shot_sums
+from lightning_icl.tasks.batch import ICLBatch
 
 from .base import ICLCallback
 
@@ -16,12 +17,23 @@ class ICLCurves(ICLCallback):
     """Per-shot loss (and accuracy) on every validation loader, and per concept.
 
     For He et al.'s four sets the splits are named by the batches (``id_seen`` ...); other
-    loaders are ``loader<i>``. Logs ``icl_curves/<split>/loss_shot<k>`` at the first and last
-    shot; the record holds the whole curves, and with ``by_concept`` the per-concept loss curves
-    (e.g. one per basis in sparse regression). Sums are reduced over DDP ranks.
+    loaders are ``loader<i>``. Logs ``curves/<split>/loss_shot0`` and ``.../loss_last`` (and
+    ``acc``); the record, in ``curves.jsonl``, holds the whole curves, and with ``by_concept``
+    the per-concept loss curves (e.g. one per basis in sparse regression). Sums are reduced
+    over DDP ranks. (``icl_curves.jsonl`` is the module's own per-shot log, not this one's.)
+
+    At validation on the package's :class:`~lightning_icl.ICLModule` the curves are read from
+    the validation pass itself (its ``validation_step`` returns every answer's loss), so they
+    cost no forward of their own and cover every batch that validation ran (``num_batches``
+    does not apply). Every ``every_n_steps``, and on other models, the callback runs the first
+    ``num_batches`` held-out batches itself.
+
+    Args:
+        by_concept: also keep a loss curve per concept label.
+        every_n_steps, on_validation, num_batches, tag: see :class:`ICLCallback`.
     """
 
-    name = "icl_curves"
+    name = "curves"
 
     def __init__(
         self,
@@ -29,37 +41,57 @@ class ICLCurves(ICLCallback):
         every_n_steps: int | None = None,
         on_validation: bool = True,
         num_batches: int = 4,
+        tag: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches)
+        super().__init__(every_n_steps, on_validation, num_batches, tag=tag)
         self.by_concept = by_concept
+        self._from_validation: dict[int, _Sums] = {}  # sums read from the running validation pass
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._from_validation = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self.on_validation or trainer.sanity_checking or not isinstance(batch, ICLBatch):
+            return
+        if not isinstance(outputs, Mapping) or "answer_shot" not in outputs:
+            return  # a module whose validation_step returns no answer scores: measure() runs its own
+        sums = self._from_validation.setdefault(dataloader_idx, _Sums(batch.split))
+        rows = batch.mask.nonzero()[:, 0]  # the sequence of each answer, row-major like the outputs
+        sums.add(outputs["answer_loss"], outputs["answer_correct"], outputs["answer_shot"], batch.concept[rows])
 
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, Any]:
-        adapter = self.adapter(pl_module)
+        collected, self._from_validation = self._from_validation, {}
+        if not collected:  # not at validation, or a model whose validation pass we cannot read
+            collected = self._run_batches(trainer, pl_module)
         record: dict[str, Any] = {"splits": {}}
-        for idx in range(len(self.validation_loaders(trainer))):
-            name, sums, concept_sums = f"loader{idx}", {}, {}
-            for batch in self.eval_batches(trainer, pl_module, dataloader_idx=idx):
-                name = batch.get("split", name) if isinstance(batch, Mapping) else getattr(batch, "split", name)
-                scored = adapter.score(adapter.forward(batch)[0], batch)
-                n_shots = int(scored.shot.max()) + 1
-                values = {"loss": scored.loss} | ({"acc": scored.correct} if scored.correct is not None else {})
-                for metric, v in values.items():
-                    total, count = per_shot_sums(v.flatten().float(), scored.shot.flatten(), n_shots)
-                    sums[metric] = _add(sums.get(metric), torch.stack([total, count]))
-                if self.by_concept:
-                    concept = adapter.concept(batch)
-                    for c in concept.unique().tolist():
-                        rows = concept == c
-                        total, count = per_shot_sums(
-                            scored.loss[rows].flatten().float(), scored.shot[rows].flatten(), n_shots
-                        )
-                        concept_sums[c] = _add(concept_sums.get(c), torch.stack([total, count]))
-            split = {m: _curve(trainer, s) for m, s in sums.items()}
-            if self.by_concept:
-                split["loss_by_concept"] = {str(c): _curve(trainer, s) for c, s in sorted(concept_sums.items())}
-            record["splits"][name] = split
+        for _, sums in sorted(collected.items()):
+            split = {m: _curve(trainer, s) for m, s in sums.metrics.items()}
+            if self.by_concept:  # one [C, 2, S] reduction: ranks may have seen different concepts
+                dense = _reduced(trainer, sums.concept_table())
+                seen = (dense[:, 1].sum(1) > 0).nonzero()[:, 0].tolist()
+                split["loss_by_concept"] = {str(c): _mean(dense[c]) for c in seen}
+            record["splits"][sums.name] = split
         return record
+
+    def _run_batches(self, trainer, pl_module) -> dict[int, _Sums]:
+        adapter = self.adapter(pl_module)
+        collected = {}
+        for idx in range(len(self.validation_loaders(trainer))):
+            sums = collected[idx] = _Sums(f"loader{idx}")
+            for batch in self.eval_batches(trainer, pl_module, dataloader_idx=idx):
+                name = batch.get("split") if isinstance(batch, Mapping) else getattr(batch, "split", None)
+                sums.name = name or sums.name
+                scored = adapter.score(adapter.forward(batch)[0], batch)
+                concept = adapter.concept(batch) if self.by_concept else None
+                rows = torch.arange(scored.loss.shape[0], device=scored.loss.device)[:, None].expand_as(scored.loss)
+                sums.add(
+                    scored.loss.flatten(),
+                    None if scored.correct is None else scored.correct.flatten(),
+                    scored.shot.flatten(),
+                    None if concept is None else concept[rows.flatten()],
+                )
+        return collected
 
     def scalars(self, record):
         out = {}
@@ -69,6 +101,39 @@ class ICLCurves(ICLCallback):
                 if curve:
                     out[f"{split}/{metric}_shot0"], out[f"{split}/{metric}_last"] = curve[0], curve[-1]
         return out
+
+
+class _Sums:
+    """Per-shot ``[2, S]`` (sum, count) of each metric, over all answers and per concept, for one split."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.by_concept: dict[int, torch.Tensor] = {}
+
+    def concept_table(self) -> torch.Tensor:
+        """``[C, 2, S]`` per-concept sums, zeros for concepts not seen."""
+        if not self.by_concept:
+            loss = self.metrics["loss"]
+            return loss.new_zeros(1, *loss.shape)
+        s = max(t.shape[1] for t in self.by_concept.values())
+        table = next(iter(self.by_concept.values())).new_zeros(max(self.by_concept) + 1, 2, s)
+        for c, t in self.by_concept.items():
+            table[c, :, : t.shape[1]] = t
+        return table
+
+    def add(self, loss, correct, shot, concept) -> None:
+        """Answers ``[N]``: loss, correctness (or None), shot index and concept (or None)."""
+        n_shots = int(shot.max()) + 1 if shot.numel() else 1
+        values = {"loss": loss} | ({"acc": correct} if correct is not None else {})
+        for metric, v in values.items():
+            total, count = per_shot_sums(v.float(), shot, n_shots)
+            self.metrics[metric] = _add(self.metrics.get(metric), torch.stack([total, count]))
+        if concept is not None:
+            for c in concept.unique().tolist():
+                keep = concept == c
+                total, count = per_shot_sums(loss[keep].float(), shot[keep], n_shots)
+                self.by_concept[c] = _add(self.by_concept.get(c), torch.stack([total, count]))
 
 
 def _add(a, b):
@@ -81,10 +146,20 @@ def _add(a, b):
     return a
 
 
-def _curve(trainer, sums: torch.Tensor) -> list[float | None]:
-    if trainer.world_size > 1:  # ranks may have seen different shot counts: pad to the longest first
-        longest = int(trainer.strategy.all_gather(torch.tensor(sums.shape[1], device=sums.device)).max())
-        sums = torch.nn.functional.pad(sums, (0, longest - sums.shape[1]))
-    sums = trainer.strategy.reduce(sums, reduce_op="sum")
+def _reduced(trainer, sums: torch.Tensor) -> torch.Tensor:
+    """``sums`` added over DDP ranks; ranks may hold different sizes (shot or concept counts): pad first."""
+    if trainer.world_size > 1:
+        shapes = trainer.strategy.all_gather(torch.tensor(sums.shape, device=sums.device))
+        longest = shapes.view(-1, sums.dim()).amax(0).tolist()
+        pad = [x for d in reversed(range(sums.dim())) for x in (0, longest[d] - sums.shape[d])]
+        sums = trainer.strategy.reduce(torch.nn.functional.pad(sums, pad), reduce_op="sum")
+    return sums
+
+
+def _mean(sums: torch.Tensor) -> list[float | None]:
     mean = sums[0] / sums[1]
     return [None if torch.isnan(v) else float(v) for v in mean]
+
+
+def _curve(trainer, sums: torch.Tensor) -> list[float | None]:
+    return _mean(_reduced(trainer, sums))

@@ -25,7 +25,7 @@ class ConceptDecodability(ICLCallback):
     Args:
         k: neighbours; distance: ``"euclidean"`` or ``"cosine"``.
         probe: also fit a closed-form ridge probe on half the points and score it on the other half.
-        every_n_steps, on_validation, num_batches, dataloader_idx: see :class:`ICLCallback`.
+        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
     """
 
     name = "decodability"
@@ -39,8 +39,9 @@ class ConceptDecodability(ICLCallback):
         on_validation: bool = True,
         num_batches: int = 4,
         dataloader_idx: int = 0,
+        tag: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx)
+        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if distance not in DISTANCES:

@@ -18,17 +18,19 @@ def _top_heads(effect: torch.Tensor, k: int) -> list[list]:
 
 
 class HeadAblation(ICLCallback):
-    """Effect of ablating every head on held-out answers, ``[L, H]``, in a few batched forwards.
+    """Effect of ablating every head on held-out answers, ``[L, H]``, in one shared pass.
 
     Logs ``ablation/clean_loss``, ``ablation/L<l>H<h>`` (loss increase when the head is
     removed) and ``ablation/top1``; the record holds the loss and accuracy effects, and the
-    ``top_k`` heads. Under DDP the effects are averaged over every rank's answers.
+    ``top_k`` heads. Under DDP the effects are averaged over every rank's answers. See
+    :func:`~lightning_icl.interventions.ablation_effects` for how the pass shares work.
 
     Args:
         mode: ``"zero"``, ``"mean"`` (the head's mean output on the batch) or ``"resample"``.
         top_k: heads listed in the record.
-        heads_per_forward: heads ablated per forward (the batch is replicated that many
-            times); ``None`` ablates all heads in one forward.
+        heads_per_forward: heads ablated per pass (bounds memory: each adds a copy of the
+            batch from its layer up); ``None`` ablates all heads in one pass.
+        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
     """
 
     name = "ablation"
@@ -42,8 +44,9 @@ class HeadAblation(ICLCallback):
         on_validation: bool = True,
         num_batches: int = 1,
         dataloader_idx: int = 0,
+        tag: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx)
+        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
         if mode not in ABLATIONS:
             raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
         if heads_per_forward is not None and heads_per_forward < 1:

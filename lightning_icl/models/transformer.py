@@ -48,17 +48,11 @@ class Attention(nn.Module):
         self.rotary, self.backend = rotary, backend
         self.keep_qk, self.last_qk = False, None  # set by the model for one forward when a capture asks
 
-    def forward(
-        self,
-        x: Tensor,
-        stats: tuple[str, ...],
-        key_class: Tensor | None,
-        num_classes: int,
-        labels: Tensor | None,
-        gate: Tensor | None,
-        ablate_with: str | Tensor | None,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        b, t, d = x.shape
+    def heads(
+        self, x: Tensor, stats: tuple[str, ...], key_class: Tensor | None, num_classes: int, labels: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every head's output z ``[B, H, T, Dh]`` (before the output projection) and its statistics."""
+        b, t = x.shape[:2]
         # [B, T, 3, H, Dh] -> three [B, H, T, Dh] strided views of one projection
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
@@ -73,27 +67,57 @@ class Attention(nn.Module):
             num_classes=num_classes,
             query_label=labels,
             backend=self.backend,
-        )  # z: [B, H, T, Dh]
-        y = z if gate is None else gate_heads(z, gate, ablate_with)
+        )
         self.last_qk = (q.detach(), k.detach()) if self.keep_qk else None
-        return self.proj(y.transpose(1, 2).reshape(b, t, d)), z, st
+        return z, st
+
+    def project(self, y: Tensor) -> Tensor:
+        """Output projection of (possibly gated) head outputs ``[B, H, T, Dh]`` to ``[B, T, D]``."""
+        b, _, t, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(
+        self,
+        x: Tensor,
+        stats: tuple[str, ...],
+        key_class: Tensor | None,
+        num_classes: int,
+        labels: Tensor | None,
+        gate: Tensor | None,
+        ablate_with: str | Tensor | None,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        z, st = self.heads(x, stats, key_class, num_classes, labels)
+        y = z if gate is None else gate_heads(z, gate, ablate_with)
+        return self.project(y), z, st
 
 
-def gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None) -> Tensor:
+def gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None, group: int | None = None) -> Tensor:
     """``g * z + (1 - g) * mu`` per head on z ``[B, H, T, Dh]``; gate ``[H]`` or ``[B, H]``.
 
     ``ablate_with`` (mu): ``None``/``"zero"``, ``"resample"`` (the previous example's z) or a
-    mean ``[H, Dh]`` / ``[H, T, Dh]``. Every adapter gates through this one rule.
+    mean ``[H, Dh]`` / ``[H, T, Dh]``. Every adapter gates through this one rule. ``group``:
+    for a batch made of copies of one batch of ``group`` rows, resample within each copy.
     """
     g = gate.to(z.dtype).reshape(-1 if gate.dim() == 2 else 1, z.shape[1], 1, 1)
     if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
         return g * z
     if isinstance(ablate_with, str):  # "resample": each example takes its neighbour's head outputs
-        mu = torch.roll(z, shifts=1, dims=0)
+        rows = z.shape[0] if group is None else group
+        mu = torch.roll(z.unflatten(0, (-1, rows)), shifts=1, dims=1).flatten(0, 1)
     else:  # a mean per head, [H, Dh] or per position [H, T, Dh]
         mu = ablate_with.to(z.dtype)
         mu = mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]
     return g * z + (1 - g) * mu
+
+
+def _ablation_value(z: Tensor, ablate_with: str | Tensor | None) -> Tensor:
+    """The ``mu`` of :func:`gate_heads` for z ``[B, H, T, Dh]``, broadcastable to z."""
+    if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
+        return torch.zeros_like(z)
+    if isinstance(ablate_with, str):
+        return torch.roll(z, shifts=1, dims=0)
+    mu = ablate_with.to(z.dtype)
+    return (mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]).expand_as(z)
 
 
 class Block(nn.Module):
@@ -236,9 +260,7 @@ class ICLTransformer(nn.Module):
         if capture is not None:
             result = Capture(positions=capture.resolve_positions(b, t, inputs.device))
 
-        h = self.embed(inputs) if self.is_token_model else self.read_in(inputs)  # [B, T, D]
-        if self.pos_embed is not None:
-            h = h + self.pos_embed.weight[:t]
+        h = self._embed(inputs)
         for i, block in enumerate(self.blocks):
             keep = result is not None and i in layers
             stats = capture.stats if keep else ()
@@ -259,12 +281,102 @@ class ICLTransformer(nn.Module):
                 if capture.qk:
                     result.q[i], result.k[i] = block.attn.last_qk
                     block.attn.keep_qk, block.attn.last_qk = False, None
+        return self._read_out(h), result
+
+    def _embed(self, inputs: Tensor) -> Tensor:
+        h = self.embed(inputs) if self.is_token_model else self.read_in(inputs)  # [B, T, D]
+        if self.pos_embed is not None:
+            h = h + self.pos_embed.weight[: inputs.shape[1]]
+        return h
+
+    def _read_out(self, h: Tensor) -> Tensor:
         h = self.ln_f(h)
         if self.is_token_model:
-            out = F.linear(h, self.embed.weight) if self.unembed is None else self.unembed(h)
-        else:
-            out = self.read_out(h)
-        return out, result
+            return F.linear(h, self.embed.weight) if self.unembed is None else self.unembed(h)
+        return self.read_out(h)
+
+    def forward_variants(
+        self,
+        inputs: Tensor,
+        head_gates: Tensor,
+        ablate_with: str | Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The clean run and ``N`` gated variants of one batch, in one pass that computes shared work once.
+
+        Variant ``n`` runs the batch with gates ``head_gates[n]`` ``[L, H]``. Until its first layer
+        with a gate other than 1 it is the clean run, so it joins the pass there: it starts from
+        the clean residual stream and the clean heads' outputs of that layer, and only the layers
+        above are computed for it. Ablating every head one at a time costs the clean forward
+        plus, per head, the layers above it; a forward per head costs L full layers per head.
+
+        Args:
+            inputs: ``[B, T]`` tokens or ``[B, T, input_dim]`` vectors.
+            head_gates: ``[N, L, H]``.
+            ablate_with: as in :meth:`forward` (``"resample"`` takes the previous example of the
+                same variant).
+            positions: ``[B, P]`` the positions whose outputs are needed: the final layer's
+                projection, MLP and read-out run at these positions only. ``None``: all.
+
+        Returns:
+            ``(clean, variants)``: ``[B, T', ...]`` and ``[N, B, T', ...]`` outputs, with
+            ``T' = P`` when ``positions`` is given, else ``T``.
+        """
+        b, t = inputs.shape[:2]
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
+        if head_gates.dim() != 3 or tuple(head_gates.shape[1:]) != (self.n_layers, self.n_heads):
+            raise ValueError(
+                f"head_gates must be [N, L, H] with [L, H] = {(self.n_layers, self.n_heads)}, "
+                f"got {tuple(head_gates.shape)}"
+            )
+        if positions is not None and (positions.dim() != 2 or positions.shape[0] != b):
+            raise ValueError(f"positions must be [B, P] with B = {b}, got {tuple(positions.shape)}")
+        n, b_h = head_gates.shape[0], self.n_heads
+        touched = (head_gates != 1).any(dim=2)  # [N, L]
+        first = torch.where(touched.any(dim=1), touched.float().argmax(dim=1), torch.full_like(touched[:, 0], -1))
+        first = first.tolist()  # -1: never gated, identical to the clean run
+        members: list[int] = []  # variants in the running batch, after the clean rows
+        h = self._embed(inputs)
+        for i, block in enumerate(self.blocks):
+            z, _ = block.attn.heads(block.ln1(h), (), None, 0, None)  # [(1 + M) * B, H, T, Dh]
+            mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
+            regated = [k for k, v in enumerate(members) if touched[v, i]]
+            if regated:  # variants already running that gate this layer again
+                rows = z.unflatten(0, (-1, b))
+                picked = rows[[k + 1 for k in regated]].flatten(0, 1)
+                gates = head_gates[[members[k] for k in regated], i].repeat_interleave(b, dim=0)
+                rows = rows.index_copy(0, torch.tensor(regated, device=z.device) + 1,
+                                       gate_heads(picked, gates, mu, group=b).unflatten(0, (-1, b)))  # fmt: skip
+                z = rows.flatten(0, 1)
+            joining = [v for v in range(n) if first[v] == i]
+            delta = None
+            if joining:  # they branch off the clean rows: z - (g - 1)(z - mu) per gated head, linearly
+                zc = z[:b]
+                diff = zc - _ablation_value(zc, mu)  # [B, H, T, Dh]
+            last = i == self.n_layers - 1
+            if last and positions is not None:  # nothing after the last attention mixes positions
+                rows = positions.repeat(1 + len(members), 1)  # [R, P]
+                z, h = gather_positions(z, rows, dim=2), gather_positions(h, rows, dim=1)
+                if joining:
+                    diff = gather_positions(diff, positions, dim=2)
+            a = block.attn.project(z)  # [(1 + M) * B, T', D]
+            if joining:
+                w = block.attn.proj.weight.view(-1, b_h, self.head_dim)  # [D, H, Dh]
+                per_head = torch.einsum("bhtk,dhk->hbtd", diff, w)  # each head's contribution, less mu's
+                dg = head_gates[joining, i].to(per_head.dtype) - 1  # [J, H]
+                delta = torch.einsum("jh,hbtd->jbtd", dg, per_head).flatten(0, 1)
+                h = torch.cat([h + a, (h[:b] + a[:b]).repeat(len(joining), 1, 1) + delta])
+                members += joining
+            else:
+                h = h + a
+            h = h + block.mlp(block.ln2(h))
+        out = self._read_out(h)
+        clean = out[:b]
+        variants = clean.unsqueeze(0).repeat(n, *([1] * clean.dim()))
+        if members:
+            variants[members] = out[b:].unflatten(0, (len(members), b))
+        return clean, variants
 
     def _check_gates(self, gates: Tensor | None, batch: int) -> Tensor | None:
         if gates is None:

@@ -215,6 +215,23 @@ def test_mean_and_resample_ablation_equal_manual_replacement(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_scored_variants_equal_a_forward_per_variant(kind):
+    _, adapter = make(kind)
+    batch = make_batch(b=4)
+    gates = torch.ones(3, N_LAYERS, N_HEADS)
+    gates[0, 1, 0] = 0.0
+    gates[1, 0, 1], gates[1, 1, 1] = 0.0, 0.5  # two layers: resample must stay within the copy
+    with torch.no_grad():
+        clean, variants = adapter.score_variants(batch, gates, "resample")
+        torch.testing.assert_close(clean.loss, adapter.score(adapter.forward(batch)[0], batch).loss)
+        assert variants.loss.shape == (3, *clean.loss.shape)
+        for n in range(3):
+            alone = adapter.score(adapter.forward(batch, head_gates=gates[n], ablate_with="resample")[0], batch)
+            torch.testing.assert_close(variants.loss[n], alone.loss)
+            torch.testing.assert_close(variants.correct[n], alone.correct)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_training_gates_gradient_matches_finite_difference(kind):
     model, adapter = make(kind)
     # float64 keeps the finite difference accurate; Llama's RMSNorm still computes in float32 whatever the

@@ -65,9 +65,11 @@ def test_every_callback_records_logs_and_plots(tmp_path):
     assert set(rec["splits"]) == {"id_seen", "id_unseen", "ood_seen", "ood_unseen"}
     assert len(rec["splits"]["id_seen"]["acc"]) == 8 and len(rec["splits"]["id_seen"]["loss_by_concept"]) == 4
     # files
-    for name in ("decodability", "ablation", "attribution", "attention", "icl_curves"):
+    for name in ("decodability", "ablation", "attribution", "attention", "curves"):
         lines = (run / f"{name}.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["step"] == 20
+    # the module's own per-shot log stays its own (the report reads it)
+    assert all("by_shot" in json.loads(line) for line in (run / "icl_curves.jsonl").read_text().splitlines())
     for name in ("decodability", "ablation", "attribution", "attention"):
         assert (run / "figures" / f"{name}.png").exists()
     logged = (run / "metrics.csv").read_text().splitlines()[0]
@@ -80,6 +82,33 @@ def test_icl_curves_agree_with_the_module(tmp_path):
     split = curves.history[-1]["splits"]["id_seen"]
     assert split["acc"][0] == pytest.approx(module.last_eval["val/id_seen/acc_shot0"], abs=1e-6)
     assert split["loss"][-1] == pytest.approx(module.last_eval["val/id_seen/loss_last"], abs=1e-5)
+
+
+def test_icl_curves_read_the_validation_pass_without_forwards_of_their_own(tmp_path, monkeypatch):
+    from lightning_icl import ICLModule
+
+    calls = []
+    forward = ICLModule.forward
+    monkeypatch.setattr(ICLModule, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    fit(tmp_path / "a", [], logger=False)
+    plain = len(calls)
+    calls.clear()
+    at_validation = ICLCurves(by_concept=True)
+    # the same measurement by running the batches itself, at the same steps (validation every 10)
+    by_itself = ICLCurves(by_concept=True, every_n_steps=10, on_validation=False, num_batches=2, tag="steps")
+    fit(tmp_path / "b", [at_validation, by_itself], logger=False)
+    assert len(calls) == plain + 2 * 4 * 2  # only by_itself adds forwards: 2 times, 4 loaders, 2 batches
+    assert [r["step"] for r in at_validation.history] == [r["step"] for r in by_itself.history] == [10, 20]
+    for a, b in zip(at_validation.history, by_itself.history, strict=True):
+        assert a["splits"].keys() == b["splits"].keys()
+        for split, curves in a["splits"].items():
+            assert curves["loss"] == pytest.approx(b["splits"][split]["loss"], abs=1e-6)
+            assert curves["acc"] == pytest.approx(b["splits"][split]["acc"], abs=1e-6)
+            for concept, curve in curves["loss_by_concept"].items():
+                assert curve == pytest.approx(b["splits"][split]["loss_by_concept"][concept], abs=1e-6)
+    # two of one class keep separate files and checkpoint state
+    assert len((tmp_path / "b" / "curves_steps.jsonl").read_text().splitlines()) == 2
+    assert at_validation.state_key != by_itself.state_key
 
 
 def test_callbacks_do_not_change_training(tmp_path):
@@ -111,6 +140,25 @@ def test_batched_ablation_equals_ablating_each_head_by_hand(modular_data, mode):
                 gates[layer, head] = 0
                 ablated = adapter.score(module(batch, head_gates=gates, ablate_with=mu)[0], batch).loss.double().mean()
                 assert result.loss_effect[layer, head].item() == pytest.approx((ablated - clean).item(), abs=1e-5)
+
+
+def test_shared_ablation_pass_scores_regression_models_too():
+    from lightning_icl import SparseLinearRegressionDataModule
+
+    data = SparseLinearRegressionDataModule(dim=4, num_bases=2, rank=2, num_shots=5, batch_size=8, num_eval_batches=1)
+    module = tiny_module(data).eval()
+    adapter = ICLModuleAdapter(module)
+    batch = data.val_dataloader()[0].dataset[0]
+    result = ablation_effects(adapter, batch, "resample")
+    assert result.acc_effect is None
+    with torch.no_grad():
+        clean = adapter.score(module(batch)[0], batch).loss.double().mean()
+        for layer, head in ((0, 1), (1, 0)):
+            gates = torch.ones(2, 2)
+            gates[layer, head] = 0
+            ablated = adapter.score(module(batch, head_gates=gates, ablate_with="resample")[0], batch).loss
+            effect = (ablated.double().mean() - clean).item()
+            assert result.loss_effect[layer, head].item() == pytest.approx(effect, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -163,6 +211,7 @@ def test_checkpoint_resume_keeps_callback_state(tmp_path):
         (lambda: HeadAblation(mode="knockout"), "mode must be one of"),
         (lambda: HeadAblation(heads_per_forward=0), "heads_per_forward"),
         (lambda: ICLCurves(num_batches=0), "num_batches must be >= 1"),
+        (lambda: ICLCurves(tag="a/b"), "tag must be"),
         (lambda: AttentionStatistics(stats=("pattern",)), "unknown"),
         (lambda: HeadAttribution(every_n_steps=0), "every_n_steps"),
     ],

@@ -14,14 +14,14 @@ def validate(tmp_path, devices):
     torch.manual_seed(0)
     data = tiny_modular(num_eval_batches=4)
     module = tiny_module(data)
-    callbacks = [ConceptDecodability(k=5, num_batches=4), HeadAblation(num_batches=4), ICLCurves(num_batches=4)]
+    callbacks = [ConceptDecodability(k=5, num_batches=4), HeadAblation(num_batches=4), ICLCurves(by_concept=True)]
     extra = dict(devices=2, strategy="ddp_spawn") if devices == 2 else {}
     trainer = L.Trainer(**{**trainer_kwargs(tmp_path, logger=False, limit_val_batches=4, callbacks=callbacks), **extra})
     trainer.validate(module, data, verbose=False)
     # read what rank 0 wrote: with spawn, the callbacks in this process never ran
     return {
         name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[-1])
-        for name in ("decodability", "ablation", "icl_curves")
+        for name in ("decodability", "ablation", "curves")
     }
 
 
@@ -37,5 +37,9 @@ def test_callbacks_under_ddp_equal_one_process(tmp_path):
     for row_a, row_b in zip(double["ablation"]["loss_effect"], single["ablation"]["loss_effect"], strict=True):
         assert row_a == pytest.approx(row_b, abs=1e-5)
     assert double["ablation"]["clean_acc"] == pytest.approx(single["ablation"]["clean_acc"])
-    for split, curves in single["icl_curves"]["splits"].items():
-        assert double["icl_curves"]["splits"][split]["loss"] == pytest.approx(curves["loss"], abs=1e-5)
+    for split, curves in single["curves"]["splits"].items():
+        assert double["curves"]["splits"][split]["loss"] == pytest.approx(curves["loss"], abs=1e-5)
+        by_concept = double["curves"]["splits"][split]["loss_by_concept"]
+        assert by_concept.keys() == curves["loss_by_concept"].keys()
+        for concept, curve in curves["loss_by_concept"].items():
+            assert by_concept[concept] == pytest.approx(curve, abs=1e-5)

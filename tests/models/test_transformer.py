@@ -126,6 +126,62 @@ def test_mean_and_resample_ablation_match_replacing_by_hand():
     torch.testing.assert_close(out_half, run_with_head_replaced(model, x, 1, 1, mixed))
 
 
+def variant_gates(n_layers=3, n_heads=2):
+    """Variants that gate nothing, one head, several layers, and a partial gate."""
+    gates = torch.ones(5, n_layers, n_heads)
+    gates[1, 2, 1] = 0.0  # the last layer only
+    gates[2, 0, 0] = 0.0  # the first layer ...
+    gates[2, 2, 1] = 0.3  # ... and again higher up
+    gates[3, 1, :] = 0.0  # a whole layer
+    gates[4, 0, 1] = 0.5
+    return gates
+
+
+@pytest.mark.parametrize("ablate_with", ["zero", "mean", "mean_t", "resample"])
+def test_variants_pass_equals_a_forward_per_variant(ablate_with):
+    model = token_model()
+    x = tokens(b=4)
+    _, cap = model(x, capture=CaptureSpec(heads=True, positions="all"))
+    mu = {
+        "zero": None,
+        "resample": "resample",
+        "mean": torch.stack([cap.heads[i].mean(dim=(0, 2)) for i in range(3)]),
+        "mean_t": torch.stack([cap.heads[i].mean(dim=0) for i in range(3)]),
+    }[ablate_with]
+    gates = variant_gates()
+    clean, variants = model.forward_variants(x, gates, mu)
+    torch.testing.assert_close(clean, model(x)[0])
+    assert variants.shape == (5, *clean.shape)
+    for n in range(5):
+        torch.testing.assert_close(variants[n], model(x, head_gates=gates[n], ablate_with=mu)[0])
+    assert not torch.allclose(variants[1], clean)  # the gates act
+
+
+def test_variants_pass_reads_out_only_the_positions_asked_for():
+    model = token_model()
+    x = tokens(b=3)
+    positions = torch.tensor([[2, 5, 22], [0, 1, 9], [4, 4, 7]])
+    gates = variant_gates()
+    clean, variants = model.forward_variants(x, gates, positions=positions)
+    assert clean.shape == (3, 3, 11) and variants.shape == (5, 3, 3, 11)
+    for n in range(5):
+        full = model(x, head_gates=gates[n])[0]
+        torch.testing.assert_close(variants[n], torch.gather(full, 1, positions[..., None].expand(3, 3, 11)))
+    vector = ICLTransformer(input_dim=5, output_dim=2, d_model=32, n_layers=2, n_heads=2, max_seq_len=9).eval()
+    v = torch.randn(3, 9, 5)
+    _, out = vector.forward_variants(v, torch.zeros(1, 2, 2), "resample", positions[:, :2] % 9)
+    full = vector(v, head_gates=torch.zeros(2, 2), ablate_with="resample")[0]
+    torch.testing.assert_close(out[0], torch.gather(full, 1, (positions[:, :2] % 9)[..., None].expand(3, 2, 2)))
+
+
+def test_variants_pass_rejects_bad_shapes_by_name():
+    model = token_model()
+    with pytest.raises(ValueError, match=r"head_gates must be \[N, L, H\]"):
+        model.forward_variants(tokens(), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="positions must be"):
+        model.forward_variants(tokens(b=4), torch.ones(1, 3, 2), positions=torch.zeros(2, 3, dtype=torch.long))
+
+
 def test_gate_gradient_is_first_order_ablation_effect():
     model = token_model()
     x = tokens()
