@@ -130,8 +130,12 @@ def capture_attention(
     )
 
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+"""Looked up once at import: torch.compile (2.11) refuses to trace ``find_spec`` inside a graph."""
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def _use_triton(q: Tensor, k: Tensor, backend: str, num_classes: int) -> bool:

@@ -153,10 +153,14 @@ def test_kernel_and_reference_give_the_same_statistics_through_the_model():
             block.attn.backend = backend
         outs[backend] = model(x, capture=spec, key_class=kc, num_classes=3, labels=x)
     (a, cap_a), (b, cap_b) = outs["torch"], outs["triton"]
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # The model is fp32 with the kernel's default fp32_precision="tf32": on a GPU its dots round
+    # operands to TF32 (relative 2^-11), so the two backends agree to a few 1e-4 there (class
+    # mass 2.3e-4 measured on an H100; 1.5e-7 with "ieee"); the interpreter's dots are exact.
+    tol = 1e-4 if device == "cpu" else 1e-3
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     for layer in (0, 1):
         for name in ALL:
-            torch.testing.assert_close(cap_a.stats[layer][name], cap_b.stats[layer][name], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(cap_a.stats[layer][name], cap_b.stats[layer][name], atol=tol, rtol=tol)
 
 
 def test_compiles_without_graph_breaks():
