@@ -17,6 +17,11 @@ The backward recomputes probabilities from the stored base-2 log-sum-exp: one
 kernel per key block accumulates dk and dv, one per query block accumulates dq,
 so no atomics are needed.
 
+Each kernel autotunes its block shape, warps and pipeline depth once per length
+bucket, head dim, dtype and set of statistics: the first launch of a new combination
+compiles and times every config that fits (tens of seconds on a GPU). Set
+``LIGHTNING_ICL_AUTOTUNE=0`` to skip that and launch the first config that fits.
+
 Import this module only after deciding on ``TRITON_INTERPRET``: Triton reads it
 when the kernels are decorated.
 """
@@ -24,6 +29,7 @@ when the kernels are decorated.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -61,6 +67,11 @@ def _configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
     return INTERPRETER_CONFIGS if INTERPRETED else gpu_configs
 
 
+def autotuning() -> bool:
+    """False when ``LIGHTNING_ICL_AUTOTUNE=0``: each launch takes the first config that fits."""
+    return os.environ.get("LIGHTNING_ICL_AUTOTUNE", "1").strip() != "0"
+
+
 def _prune(configs, named_args, **kwargs):
     """Fit the configs to the problem: blocks no longer than the sequence, no tiny blocks on
     long sequences, lighter tiles for wide heads and for several statistics at once."""
@@ -81,7 +92,8 @@ def _prune(configs, named_args, **kwargs):
         if max(bm, bn) >= 128 and c.num_warps == 4:
             continue
         kept.append(c)
-    return kept or configs[-1:]
+    kept = kept or configs[-1:]
+    return kept if autotuning() else kept[:1]
 
 
 # Tune per power-of-two length bucket, not per exact length.

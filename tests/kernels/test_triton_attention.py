@@ -218,8 +218,10 @@ def test_auto_backend_uses_the_reference_on_cpu():
     assert out.dtype == torch.float64 and stats["lse"].shape == (1, 1, 5)
 
 
-def test_autotune_pruning_fits_blocks_to_the_problem():
+def test_autotune_pruning_fits_blocks_to_the_problem(monkeypatch):
     from lightning_icl.kernels import triton_attention as ta
+
+    monkeypatch.setenv("LIGHTNING_ICL_AUTOTUNE", "1")
 
     for configs in (ta.FWD_CONFIGS, ta.DKDV_CONFIGS, ta.DQ_CONFIGS):
         short = ta._prune(configs, {"T": 20}, HEAD_DIM=64)
@@ -234,6 +236,17 @@ def test_autotune_pruning_fits_blocks_to_the_problem():
         heavy and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in heavy) and len(heavy) < len(plain)
     )
     assert ta._configs(ta.FWD_CONFIGS) == (ta.INTERPRETER_CONFIGS if ta.INTERPRETED else ta.FWD_CONFIGS)
+
+
+def test_autotuning_can_be_switched_off(monkeypatch):
+    from lightning_icl.kernels import triton_attention as ta
+
+    monkeypatch.setenv("LIGHTNING_ICL_AUTOTUNE", "1")
+    for configs in (ta.FWD_CONFIGS, ta.DKDV_CONFIGS, ta.DQ_CONFIGS):
+        tuned = ta._prune(configs, {"T": 4096}, HEAD_DIM=64)
+        monkeypatch.setenv("LIGHTNING_ICL_AUTOTUNE", "0")
+        assert not ta.autotuning() and ta._prune(configs, {"T": 4096}, HEAD_DIM=64) == tuned[:1]
+        monkeypatch.setenv("LIGHTNING_ICL_AUTOTUNE", "1")
 
 
 def test_model_on_the_kernel_compiles_as_one_graph():
