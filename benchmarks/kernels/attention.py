@@ -21,6 +21,11 @@ picks any subset anywhere (the Triton kernel on CPU needs ``TRITON_INTERPRET=1``
     python -m benchmarks.kernels.attention                      # full sweep on this machine
     python -m benchmarks.kernels.attention --quick              # tiny shapes, a smoke run
     python -m benchmarks.kernels.attention --seq-lens 1024 --head-dims 64 --providers kernel,sdpa_flash
+
+Every row also gives ``rel err``, ``||out - ref|| / ||ref||`` of the provider's output
+against SDPA on fp32 copies of the inputs, so a fast but wrong config cannot hide. The
+tables are rewritten after each (head dim, length), so a sweep cut short keeps what it
+measured; ``--tag`` names the files of a partial sweep apart.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ def make_flex(causal: bool, device: str):
 
     if device != "cuda":
         raise NotImplementedError("compiled FlexAttention returns its lse on CUDA only")
+    # the bwd mode replays one graph's backward (retain_graph=True), which a compiled backward
+    # refuses while it donates its saved buffers
+    torch._functorch.config.donated_buffer = False
     compiled = torch.compile(flex_attention)
     try:
         from torch.nn.attention.flex_attention import AuxRequest
@@ -131,7 +139,14 @@ def timer(device: str, warmup: int, reps: int) -> Callable[[Callable], float]:
     return measure
 
 
-def run_one(name, b, h, t, d, causal, dtype, device, time_ms) -> list[dict]:
+def relative_error(out: torch.Tensor, q, k, v, causal: bool) -> float:
+    """``||out - ref|| / ||ref||`` against SDPA on fp32 copies of the inputs."""
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def run_one(name, b, h, t, d, causal, dtype, device, time_ms, modes=MODES) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(b, h, t, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
     key_class = torch.randint(NUM_CLASSES, (b, t), generator=g).to(device)
@@ -139,8 +154,10 @@ def run_one(name, b, h, t, d, causal, dtype, device, time_ms) -> list[dict]:
     fn = provider_fn(name, causal, key_class, labels)
     grad = torch.randn(b, h, t, d, generator=g).to(device=device, dtype=dtype)
     flops_fwd = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
+    with torch.no_grad():
+        err = float(f"{relative_error(fn(q, k, v), q, k, v, causal):.3g}")
     rows = []
-    for mode in MODES:
+    for mode in modes:
         if mode == "fwd":
 
             def work():
@@ -168,7 +185,7 @@ def run_one(name, b, h, t, d, causal, dtype, device, time_ms) -> list[dict]:
         rows.append({
             "provider": name, "mode": mode, "B": b, "H": h, "T": t, "Dh": d, "causal": causal,
             "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 4),
-            "TFLOP/s": float(f"{flops / ms / 1e9:.4g}"), "peak MiB": peak,
+            "TFLOP/s": float(f"{flops / ms / 1e9:.4g}"), "peak MiB": peak, "rel err": err,
         })  # fmt: skip
     return rows
 
@@ -204,7 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float16" if cuda else "float32")
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repetition: checks that it runs")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="", help="appended to the file names, e.g. for one part of a sweep")
     args = parser.parse_args(argv)
 
     on_gpu = args.device == "cuda"
@@ -218,14 +237,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     width = args.width or (32 if args.quick else 2048 if on_gpu else 256)
     dtype = getattr(torch, args.dtype)
     time_ms = timer(args.device, warmup=0 if args.quick else 2, reps=1 if args.quick else 15)
+    modes = tuple(args.modes.split(","))
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    device_name = torch.cuda.get_device_name().replace(" ", "_") if on_gpu else "cpu"
+    stem = f"attention_{device_name}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
 
     rows, skipped = [], []
+
+    def write() -> list[str]:
+        summary = ratios(rows)
+        notes = "Ratios measured side by side in this run:\n\n" + "\n".join(f"- {line}" for line in summary)
+        if skipped:
+            notes += "\n\nNot measured:\n\n" + "\n".join(f"- {line}" for line in skipped)
+        if rows:
+            paths = write_tables(rows, args.out, stem, f"Attention with statistics: {args.device}", notes)
+            print("wrote", *paths, flush=True)
+        return summary
+
     for d in head_dims:
         for t in seq_lens:
             b, h = max(1, tokens // t), max(1, width // d)
             for name in providers:
                 try:
-                    new = run_one(name, b, h, t, d, not args.non_causal, dtype, args.device, time_ms)
+                    new = run_one(name, b, h, t, d, not args.non_causal, dtype, args.device, time_ms, modes)
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     skipped.append(f"{name} T={t} Dh={d}: out of memory")
@@ -239,18 +274,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows += new
                 print(
                     " | ".join(f"{r['mode']} {r['ms']:.3f} ms" for r in new),
-                    f"<- {name} B={b} H={h} T={t} Dh={d}",
+                    f"<- {name} B={b} H={h} T={t} Dh={d} rel err {new[0]['rel err'] if new else 'n/a'}",
                     flush=True,
                 )
-    summary = ratios(rows)
-    print("\n".join(summary))
-    device_name = torch.cuda.get_device_name().replace(" ", "_") if on_gpu else "cpu"
-    notes = "Ratios measured side by side in this run:\n\n" + "\n".join(f"- {line}" for line in summary)
-    if skipped:
-        notes += "\n\nNot measured:\n\n" + "\n".join(f"- {line}" for line in skipped)
-    stem = f"attention_{device_name}" + ("_quick" if args.quick else "")
-    for path in write_tables(rows, args.out, stem, f"Attention with statistics: {args.device}", notes):
-        print("wrote", path)
+            write()  # after each (head dim, length): a sweep cut short keeps what it measured
+    print("\n".join(write()))
     return rows
 
 
