@@ -1,6 +1,14 @@
 """lightning_icl: study in-context learning inside transformers while they train."""
 
-from lightning_icl.callbacks import AttentionStatistics, ConceptDecodability, HeadAblation, HeadAttribution, ICLCurves
+from lightning_icl.callbacks import (
+    AttentionStatistics,
+    CircuitOverlap,
+    ConceptDecodability,
+    ConceptPatching,
+    HeadAblation,
+    HeadAttribution,
+    ICLCurves,
+)
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
@@ -19,7 +27,9 @@ __all__ = [
     "AttentionStatistics",
     "Capture",
     "CaptureSpec",
+    "CircuitOverlap",
     "ConceptDecodability",
+    "ConceptPatching",
     "HeadAblation",
     "HeadAttribution",
     "ICLBatch",

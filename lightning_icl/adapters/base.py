@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import lightning as L
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_icl.capture import Capture, CaptureSpec
 
@@ -93,6 +93,15 @@ class Adapter(ABC):
         copies = self.repeat(batch, n)  # copy i holds rows [i*B, (i+1)*B)
         outputs, _ = self.forward(copies, head_gates=head_gates.repeat_interleave(b, dim=0), ablate_with=ablate_with)
         return clean, _split_copies(self.score(outputs, copies), n)
+
+    # ---- modules, for interventions made with forward hooks ------------------------------
+    def residual_module(self, layer: int) -> nn.Module:
+        """The module whose output (a tensor, or a tuple starting with one) is the residual stream after ``layer``."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its blocks")
+
+    def head_output_module(self, layer: int) -> nn.Module:
+        """The module whose first input is layer ``layer``'s head outputs z, ``[B, T, H * Dh]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its attention output projections")
 
     # ---- hooks into the training step -------------------------------------------------
     @abstractmethod

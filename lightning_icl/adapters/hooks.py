@@ -302,6 +302,12 @@ class HookAdapter(Adapter):
         finally:
             self._copy_rows = None
 
+    def residual_module(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
+
+    def head_output_module(self, layer: int) -> nn.Module:
+        return self.out_projs[layer]
+
     # ---- hooks into the training step -------------------------------------------------
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
         """Record ``spec`` in every later forward of the model (``None`` stops and drops the last one)."""

@@ -70,6 +70,12 @@ class ICLModuleAdapter(Adapter):
             token_class=tile(batch.token_class),
         )
 
+    def residual_module(self, layer: int):
+        return self.module.model.blocks[layer]
+
+    def head_output_module(self, layer: int):
+        return self.module.model.blocks[layer].attn.proj
+
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
         self.module.train_capture_spec = spec
         if spec is None:

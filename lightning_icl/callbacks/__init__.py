@@ -2,8 +2,19 @@
 
 from .attention import AttentionStatistics
 from .base import ICLCallback
+from .circuits import CircuitOverlap
 from .curves import ICLCurves
 from .decodability import ConceptDecodability
 from .heads import HeadAblation, HeadAttribution
+from .patching import ConceptPatching
 
-__all__ = ["AttentionStatistics", "ConceptDecodability", "HeadAblation", "HeadAttribution", "ICLCallback", "ICLCurves"]
+__all__ = [
+    "AttentionStatistics",
+    "CircuitOverlap",
+    "ConceptDecodability",
+    "ConceptPatching",
+    "HeadAblation",
+    "HeadAttribution",
+    "ICLCallback",
+    "ICLCurves",
+]

@@ -191,6 +191,16 @@ class ICLCallback(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
+def reduce_padded(trainer: L.Trainer, sums: torch.Tensor) -> torch.Tensor:
+    """``sums`` added over DDP ranks, which may hold different sizes (shots, concepts): zero-padded first."""
+    if trainer.world_size > 1:
+        shapes = trainer.strategy.all_gather(torch.tensor(sums.shape, device=sums.device))
+        longest = shapes.view(-1, sums.dim()).amax(0).tolist()
+        pad = [x for d in reversed(range(sums.dim())) for x in (0, longest[d] - sums.shape[d])]
+        sums = trainer.strategy.reduce(torch.nn.functional.pad(sums, pad), reduce_op="sum")
+    return sums
+
+
 def heatmap(values, title: str, colorbar: str, row_label: str = "layer", col_label: str = "head"):
     """A ``[rows, cols]`` heatmap figure with labelled axes and a colour bar."""
     import matplotlib

@@ -10,7 +10,7 @@ import torch
 from lightning_icl.metrics.shots import per_shot_sums
 from lightning_icl.tasks.batch import ICLBatch
 
-from .base import ICLCallback
+from .base import ICLCallback, reduce_padded
 
 
 class ICLCurves(ICLCallback):
@@ -68,7 +68,7 @@ class ICLCurves(ICLCallback):
         for _, sums in sorted(collected.items()):
             split = {m: _curve(trainer, s) for m, s in sums.metrics.items()}
             if self.by_concept:  # one [C, 2, S] reduction: ranks may have seen different concepts
-                dense = _reduced(trainer, sums.concept_table())
+                dense = reduce_padded(trainer, sums.concept_table())
                 seen = (dense[:, 1].sum(1) > 0).nonzero()[:, 0].tolist()
                 split["loss_by_concept"] = {str(c): _mean(dense[c]) for c in seen}
             record["splits"][sums.name] = split
@@ -146,20 +146,10 @@ def _add(a, b):
     return a
 
 
-def _reduced(trainer, sums: torch.Tensor) -> torch.Tensor:
-    """``sums`` added over DDP ranks; ranks may hold different sizes (shot or concept counts): pad first."""
-    if trainer.world_size > 1:
-        shapes = trainer.strategy.all_gather(torch.tensor(sums.shape, device=sums.device))
-        longest = shapes.view(-1, sums.dim()).amax(0).tolist()
-        pad = [x for d in reversed(range(sums.dim())) for x in (0, longest[d] - sums.shape[d])]
-        sums = trainer.strategy.reduce(torch.nn.functional.pad(sums, pad), reduce_op="sum")
-    return sums
-
-
 def _mean(sums: torch.Tensor) -> list[float | None]:
     mean = sums[0] / sums[1]
     return [None if torch.isnan(v) else float(v) for v in mean]
 
 
 def _curve(trainer, sums: torch.Tensor) -> list[float | None]:
-    return _mean(_reduced(trainer, sums))
+    return _mean(reduce_padded(trainer, sums))

@@ -7,21 +7,27 @@ import pytest
 import torch
 
 from conftest import tiny_modular, tiny_module, trainer_kwargs
-from lightning_icl.callbacks import ConceptDecodability, HeadAblation, ICLCurves
+from lightning_icl.callbacks import CircuitOverlap, ConceptDecodability, ConceptPatching, HeadAblation, ICLCurves
 
 
 def validate(tmp_path, devices):
     torch.manual_seed(0)
     data = tiny_modular(num_eval_batches=4)
     module = tiny_module(data)
-    callbacks = [ConceptDecodability(k=5, num_batches=4), HeadAblation(num_batches=4), ICLCurves(by_concept=True)]
+    callbacks = [
+        ConceptDecodability(k=5, num_batches=4),
+        HeadAblation(num_batches=4),
+        ICLCurves(by_concept=True),
+        CircuitOverlap(families={"id": 0, "ood": 2}, num_batches=2),
+        ConceptPatching(num_batches=4),
+    ]
     extra = dict(devices=2, strategy="ddp_spawn") if devices == 2 else {}
     trainer = L.Trainer(**{**trainer_kwargs(tmp_path, logger=False, limit_val_batches=4, callbacks=callbacks), **extra})
     trainer.validate(module, data, verbose=False)
     # read what rank 0 wrote: with spawn, the callbacks in this process never ran
     return {
         name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[-1])
-        for name in ("decodability", "ablation", "curves")
+        for name in ("decodability", "ablation", "curves", "circuits", "patching")
     }
 
 
@@ -43,3 +49,12 @@ def test_callbacks_under_ddp_equal_one_process(tmp_path):
         assert by_concept.keys() == curves["loss_by_concept"].keys()
         for concept, curve in curves["loss_by_concept"].items():
             assert by_concept[concept] == pytest.approx(curve, abs=1e-5)
+    for family, effects in single["circuits"]["effects"].items():
+        for row_a, row_b in zip(double["circuits"]["effects"][family], effects, strict=True):
+            assert row_a == pytest.approx(row_b, abs=1e-5)
+    assert double["circuits"]["jaccard"] == single["circuits"]["jaccard"]
+    assert double["patching"]["count"] == single["patching"]["count"] == 2 * 16
+    for key in ("loss/clean", "loss/own", "loss/other", "loss/zero_shot_patched", "prob/own"):
+        assert double["patching"][key] == pytest.approx(single["patching"][key], abs=1e-6)
+    for row_a, row_b in zip(double["patching"]["fv_effect"], single["patching"]["fv_effect"], strict=True):
+        assert row_a == pytest.approx(row_b, abs=1e-6)
