@@ -58,10 +58,9 @@ def ablation_effects(
     mu = {"zero": None, "resample": "resample", "mean": head_means(adapter, batch) if mode == "mean" else None}[mode]
     losses, accs, clean = [], [], None
     for start in range(0, len(heads), per):
-        chunk = heads[start : start + per]
-        gates = torch.ones(len(chunk), n_l, n_h, device=_device(adapter))
-        for i, (layer, head) in enumerate(chunk):
-            gates[i, layer, head] = gate
+        chunk = torch.tensor(heads[start : start + per])  # [n, 2] (layer, head)
+        gates = torch.ones(len(chunk), n_l, n_h)  # built on the host: the pass reads its structure there
+        gates[torch.arange(len(chunk)), chunk[:, 0], chunk[:, 1]] = gate
         clean, scored = adapter.score_variants(batch, gates, ablate_with=mu)
         losses.append(scored.loss.flatten(1).double().mean(1))
         if scored.correct is not None:

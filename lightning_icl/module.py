@@ -127,12 +127,14 @@ class ICLModule(L.LightningModule):
 
     def per_position_loss(self, outputs: Tensor, batch: ICLBatch) -> tuple[Tensor, Tensor | None]:
         """Loss ``[N]`` at the N scored positions (row-major), and correctness ``[N]`` for token tasks."""
-        mask = batch.mask
+        return self.answer_loss(outputs[batch.mask], batch.targets[batch.mask])
+
+    def answer_loss(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Elementwise loss (and correctness, token tasks) of ``outputs`` ``[..., V]`` against ``targets`` ``[...]``."""
         if self.is_tokens:
-            logits, targets = outputs[mask], batch.targets[mask]
-            return F.cross_entropy(logits.float(), targets, reduction="none"), (logits.argmax(-1) == targets).float()
-        pred = outputs[..., 0][mask]
-        return (pred.float() - batch.targets[mask].float()) ** 2, None
+            loss = F.cross_entropy(outputs.flatten(0, -2).float(), targets.flatten(), reduction="none")
+            return loss.view(targets.shape), (outputs.argmax(-1) == targets).float()
+        return (outputs[..., 0].float() - targets.float()) ** 2, None
 
     def training_step(self, batch: ICLBatch, batch_idx: int) -> Tensor:
         outputs, self.last_capture = self(batch, capture=self.train_capture_spec, head_gates=self.train_head_gates)

@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.tasks.batch import ICLBatch
 
-from .base import Adapter, Scored, _split_copies
+from .base import Adapter, Scored
 
 
 class ICLModuleAdapter(Adapter):
@@ -42,12 +42,10 @@ class ICLModuleAdapter(Adapter):
         layers from its first gated one up, and the last layer only at the answer positions."""
         positions = batch.scored_positions()
         clean, variants = self.module.model.forward_variants(batch.inputs, head_gates, ablate_with, positions)
-        n = head_gates.shape[0]
-        at = lambda x: torch.gather(x, 1, positions)
-        answers = replace(
-            batch, targets=at(batch.targets), mask=torch.ones_like(positions, dtype=torch.bool), shot=at(batch.shot)
-        )  # the batch seen only at its answer positions, where the outputs were read
-        return self.score(clean, answers), _split_copies(self.score(variants.flatten(0, 1), self.repeat(answers, n)), n)
+        targets, shot = torch.gather(batch.targets, 1, positions), torch.gather(batch.shot, 1, positions)
+        loss, correct = self.module.answer_loss(clean, targets)
+        v_loss, v_correct = self.module.answer_loss(variants, targets.expand(variants.shape[0], *targets.shape))
+        return Scored(loss, correct, shot), Scored(v_loss, v_correct, shot.expand_as(v_loss))
 
     def answer_positions(self, batch: ICLBatch) -> Tensor:
         return batch.scored_positions()

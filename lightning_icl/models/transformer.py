@@ -32,9 +32,11 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: [B, H, T, Dh]
-        t = x.shape[2]
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        # x: [..., T, Dh]
+        t = x.shape[-2]
+        cos, sin = self.cos[:t], self.sin[:t]
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -54,9 +56,10 @@ class Attention(nn.Module):
         """Every head's output z ``[B, H, T, Dh]`` (before the output projection) and its statistics."""
         b, t = x.shape[:2]
         # [B, T, 3, H, Dh] -> three [B, H, T, Dh] strided views of one projection
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.rotary is not None:  # q and k rotated together: one set of ops
+            q, k = self.rotary(qkv[:2]).unbind(0)
         z, st = capture_attention(
             q,
             k,
@@ -333,15 +336,18 @@ class ICLTransformer(nn.Module):
         if positions is not None and (positions.dim() != 2 or positions.shape[0] != b):
             raise ValueError(f"positions must be [B, P] with B = {b}, got {tuple(positions.shape)}")
         n, b_h = head_gates.shape[0], self.n_heads
-        touched = (head_gates != 1).any(dim=2)  # [N, L]
+        plan = head_gates.detach().cpu()  # which variant joins where: decided on the host, no device syncs
+        touched = (plan != 1).any(dim=2)  # [N, L]
         first = torch.where(touched.any(dim=1), touched.float().argmax(dim=1), torch.full_like(touched[:, 0], -1))
         first = first.tolist()  # -1: never gated, identical to the clean run
-        members: list[int] = []  # variants in the running batch, after the clean rows
+        touched = touched.tolist()
         h = self._embed(inputs)
+        head_gates = head_gates.to(h.device, non_blocking=True)
+        members: list[int] = []  # variants in the running batch, after the clean rows
         for i, block in enumerate(self.blocks):
             z, _ = block.attn.heads(block.ln1(h), (), None, 0, None)  # [(1 + M) * B, H, T, Dh]
             mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
-            regated = [k for k, v in enumerate(members) if touched[v, i]]
+            regated = [k for k, v in enumerate(members) if touched[v][i]]
             if regated:  # variants already running that gate this layer again
                 rows = z.unflatten(0, (-1, b))
                 picked = rows[[k + 1 for k in regated]].flatten(0, 1)
@@ -353,7 +359,8 @@ class ICLTransformer(nn.Module):
             delta = None
             if joining:  # they branch off the clean rows: z - (g - 1)(z - mu) per gated head, linearly
                 zc = z[:b]
-                diff = zc - _ablation_value(zc, mu)  # [B, H, T, Dh]
+                zero = mu is None or (isinstance(mu, str) and mu == "zero")
+                diff = zc if zero else zc - _ablation_value(zc, mu)  # [B, H, T, Dh]
             last = i == self.n_layers - 1
             if last and positions is not None:  # nothing after the last attention mixes positions
                 rows = positions.repeat(1 + len(members), 1)  # [R, P]
@@ -364,7 +371,7 @@ class ICLTransformer(nn.Module):
             if joining:
                 w = block.attn.proj.weight.view(-1, b_h, self.head_dim)  # [D, H, Dh]
                 per_head = torch.einsum("bhtk,dhk->hbtd", diff, w)  # each head's contribution, less mu's
-                dg = head_gates[joining, i].to(per_head.dtype) - 1  # [J, H]
+                dg = (plan[joining, i] - 1).to(device=per_head.device, dtype=per_head.dtype, non_blocking=True)
                 delta = torch.einsum("jh,hbtd->jbtd", dg, per_head).flatten(0, 1)
                 h = torch.cat([h + a, (h[:b] + a[:b]).repeat(len(joining), 1, 1) + delta])
                 members += joining
@@ -373,6 +380,8 @@ class ICLTransformer(nn.Module):
             h = h + block.mlp(block.ln2(h))
         out = self._read_out(h)
         clean = out[:b]
+        if members == list(range(n)):  # every variant gated something, in order
+            return clean, out[b:].unflatten(0, (n, b))
         variants = clean.unsqueeze(0).repeat(n, *([1] * clean.dim()))
         if members:
             variants[members] = out[b:].unflatten(0, (len(members), b))
