@@ -48,3 +48,11 @@ def test_drop_in_snippet_runs_and_measures(tmp_path, monkeypatch):
     assert [r["step"] for r in decodability.history] == [10, 20]
     assert len(decodability.history[-1]["cd"]) == 2  # one value per GPT-2 block
     assert torch.tensor(ablation.history[-1]["loss_effect"]).shape == (2, 4)
+
+
+def test_after_training_snippet_runs_on_the_api_snippets_model():
+    namespace: dict = {}
+    for key in ("CaptureSpec", "concept_patching"):  # the second continues from the first's module and data
+        snippet = next(s for s in snippets() if key in s)
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["means"].means.shape[0] == 2  # one row of concept means per layer
