@@ -68,6 +68,7 @@ class ICLModuleAdapter(Adapter):
             concept=tile(batch.concept),
             shot=tile(batch.shot),
             token_class=tile(batch.token_class),
+            family=None if batch.family is None else tile(batch.family),
         )
 
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
