@@ -2,10 +2,12 @@
 
 from .base import ICLDataModule, TaskInfo
 from .batch import ICLBatch
+from .bitwise import BitwiseDataModule
 from .modular import ModularArithmeticDataModule
 from .regression import LinearRegressionDataModule, SparseLinearRegressionDataModule
 
 __all__ = [
+    "BitwiseDataModule",
     "ICLBatch",
     "ICLDataModule",
     "LinearRegressionDataModule",
