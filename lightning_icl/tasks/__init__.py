@@ -4,6 +4,7 @@ from .base import ICLDataModule, TaskInfo
 from .batch import ICLBatch
 from .bitwise import BitwiseDataModule
 from .modular import ModularArithmeticDataModule
+from .multi import MultiFamilyDataModule
 from .regression import LinearRegressionDataModule, SparseLinearRegressionDataModule
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ICLDataModule",
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
+    "MultiFamilyDataModule",
     "SparseLinearRegressionDataModule",
     "TaskInfo",
 ]
