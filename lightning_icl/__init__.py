@@ -5,10 +5,12 @@ from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
 from lightning_icl.tasks import (
+    BitwiseDataModule,
     ICLBatch,
     ICLDataModule,
     LinearRegressionDataModule,
     ModularArithmeticDataModule,
+    MultiFamilyDataModule,
     SparseLinearRegressionDataModule,
     TaskInfo,
 )
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStatistics",
+    "BitwiseDataModule",
     "Capture",
     "CaptureSpec",
     "ConceptDecodability",
@@ -29,6 +32,7 @@ __all__ = [
     "ICLTransformer",
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
+    "MultiFamilyDataModule",
     "SparseLinearRegressionDataModule",
     "TaskInfo",
 ]
