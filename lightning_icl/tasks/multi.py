@@ -32,8 +32,8 @@ def row_counts(weights: Tensor, batch_size: int, generator: torch.Generator) -> 
     counts = share.floor()
     left = batch_size - int(counts.sum())
     if left:
-        cum = (share - counts).cumsum(0)
-        cum[-1] = left  # exact, whatever the rounding of the sum
+        cum = (share - counts).cumsum(0).clamp(max=left)
+        cum[-1] = left  # exact and monotone, whatever the rounding of the sum
         prev = torch.cat([cum.new_zeros(1), cum[:-1]])
         u = torch.rand((), generator=generator, dtype=torch.float64)
         counts += torch.floor(cum - u) - torch.floor(prev - u)
