@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import lightning as L
 import pytest
@@ -7,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl.adapters import ICLModuleAdapter
+from lightning_icl.cli import main
 from lightning_icl.tasks import BitwiseDataModule, MultiFamilyDataModule, SparseLinearRegressionDataModule
 from lightning_icl.tasks.base import TrainStream
 from lightning_icl.tasks.bitwise import OPS
@@ -171,3 +173,13 @@ def test_one_model_fits_and_logs_metrics_per_family(tmp_path):
     for split in data.task_info.eval_splits:
         assert f"val/{split}/acc" in module.last_eval and f"val/{split}/loss_last" in module.last_eval
     assert "val/modular/id_seen/acc" in trainer.callback_metrics and "val/bitwise/all/acc" in trainer.callback_metrics
+
+
+def test_families_from_the_command_line_and_their_mismatch_named():
+    families = {
+        "modular": {"class_path": "ModularArithmeticDataModule", "init_args": {"p": 7, "num_tasks": 4}},
+        "bitwise": {"class_path": "BitwiseDataModule", "init_args": {"n_bits": 3, "num_shots": 8}},
+    }
+    args = ["fit", "--model=ICLModule", "--data=MultiFamilyDataModule", f"--data.families={json.dumps(families)}"]
+    with pytest.raises(ValueError, match="families 'modular' and 'bitwise' differ in seq_len: 95 vs 23"):
+        main([*args, "--seed_everything=0", "--trainer.max_steps=1"])
