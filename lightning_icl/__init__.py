@@ -13,10 +13,12 @@ from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
 from lightning_icl.tasks import (
+    BitwiseDataModule,
     ICLBatch,
     ICLDataModule,
     LinearRegressionDataModule,
     ModularArithmeticDataModule,
+    MultiFamilyDataModule,
     SparseLinearRegressionDataModule,
     TaskInfo,
 )
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStatistics",
+    "BitwiseDataModule",
     "Capture",
     "CaptureSpec",
     "CircuitOverlap",
@@ -39,6 +42,7 @@ __all__ = [
     "ICLTransformer",
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
+    "MultiFamilyDataModule",
     "SparseLinearRegressionDataModule",
     "TaskInfo",
 ]

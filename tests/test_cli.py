@@ -21,6 +21,8 @@ SHRINK_DATA = {
     ],
     "SparseLinearRegressionDataModule": ["--data.init_args.batch_size=8"],
     "LinearRegressionDataModule": ["--data.init_args.batch_size=8", "--data.init_args.curriculum_interval=2"],
+    "BitwiseDataModule": ["--data.init_args.batch_size=7", "--data.init_args.eval_batch_size=7"],
+    "MultiFamilyDataModule": ["--data.init_args.batch_size=8", "--data.init_args.num_eval_batches=1"],
 }
 
 

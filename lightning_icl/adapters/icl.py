@@ -66,6 +66,7 @@ class ICLModuleAdapter(Adapter):
             concept=tile(batch.concept),
             shot=tile(batch.shot),
             token_class=tile(batch.token_class),
+            family=None if batch.family is None else tile(batch.family),
         )
 
     def residual_module(self, layer: int):

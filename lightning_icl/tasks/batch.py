@@ -22,6 +22,8 @@ class ICLBatch:
         token_class: ``[B, T]`` long, the role of each input position (e.g. x=0, y=1, z=2),
             used for attention class-mass statistics.
         split: name of the split the batch comes from (``"train"``, ``"id_seen"`` ...).
+        family: ``[B]`` long, the task family of each sequence when several families share a run
+            (an index into ``MultiFamilyDataModule.family_names``); None for a single family.
     """
 
     inputs: Tensor
@@ -31,6 +33,7 @@ class ICLBatch:
     shot: Tensor
     token_class: Tensor
     split: str = "train"
+    family: Tensor | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -40,14 +43,17 @@ class ICLBatch:
 
         ``input_ids`` ``[B, T+1]`` (inputs plus the final target), ``labels`` the same tokens with
         -100 everywhere but the answers (the model shifts them itself), ``concept`` ``[B]`` and
-        ``split`` (a name).
+        ``split`` (a name); ``family`` ``[B]`` too when the batch has one.
         """
         if self.inputs.is_floating_point():
             raise ValueError("as_causal_lm needs a token task; this batch holds vectors")
         input_ids = torch.cat([self.inputs, self.targets[:, -1:]], dim=1)
         labels = torch.full_like(input_ids, -100)
         labels[:, 1:][self.mask] = self.targets[self.mask]
-        return {"input_ids": input_ids, "labels": labels, "concept": self.concept, "split": self.split}
+        out = {"input_ids": input_ids, "labels": labels, "concept": self.concept, "split": self.split}
+        if self.family is not None:
+            out["family"] = self.family
+        return out
 
     def scored_positions(self) -> Tensor:
         """``[B, P]`` indices of the scored positions; every row must score the same count."""

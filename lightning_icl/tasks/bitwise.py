@@ -1,0 +1,200 @@
+"""Bitwise-operation ICL (Han et al. 2024's second LLM task): y = op(x1, x2) on n-bit strings.
+
+A sequence holds ``num_shots`` examples ``x1 x2 y`` of one operation; each n-bit string is one
+token (vocabulary ``2**n_bits``), so the layout is that of modular arithmetic: the model reads
+``tokens[:-1]``, predicts ``tokens[1:]`` and is scored on the y's only. The ``Null`` class
+answers with a uniformly random string, so it has no rule to infer.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .base import ICLDataModule, Sampler, TaskInfo, check_positive, generator_for
+from .batch import ICLBatch
+
+OPS = ("AND", "NAND", "OR", "NOR", "XOR", "XNOR", "Null")
+"""Every operation; the concept label of a sequence is its operation's index in this tuple."""
+MAX_BITS = 10
+_GATES = {"AND": torch.bitwise_and, "OR": torch.bitwise_or, "XOR": torch.bitwise_xor}
+_NEGATED = {"NAND": "AND", "NOR": "OR", "XNOR": "XOR"}
+
+
+def apply_op(name: str, x1: Tensor, x2: Tensor, n_bits: int) -> Tensor:
+    """``name(x1, x2)`` on integer-coded n-bit strings, for the six gates (``Null`` has no rule)."""
+    if name in _NEGATED:
+        return apply_op(_NEGATED[name], x1, x2, n_bits) ^ ((1 << n_bits) - 1)
+    if name not in _GATES:
+        raise ValueError(f"{name!r} is not a gate; gates are {tuple(_GATES) + tuple(_NEGATED)}")
+    return _GATES[name](x1, x2)
+
+
+def sample_sequences(
+    ops: Tensor, pairs: Tensor, num_shots: int, n_bits: int, generator: torch.Generator, split: str
+) -> ICLBatch:
+    """One batch: sequence i uses operation ``ops[i]`` (an index into ``OPS``) on ``num_shots``
+    (x1, x2) drawn from ``pairs`` ``[N, 2]``."""
+    n = ops.shape[0]
+    pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator)
+    x1, x2 = pairs[pick, 0], pairs[pick, 1]  # [B, K]
+    noise = torch.randint(1 << n_bits, (n, num_shots), generator=generator)  # Null's answers
+    table = torch.stack([apply_op(name, x1, x2, n_bits) for name in OPS[:-1]] + [noise])  # [len(OPS), B, K]
+    y = table.gather(0, ops.view(1, n, 1).expand(1, n, num_shots)).squeeze(0)
+    tokens = torch.stack([x1, x2, y], dim=2).reshape(n, 3 * num_shots)  # [B, 3K]: x1 x2 y x1 x2 y ...
+    t = 3 * num_shots - 1
+    pos = torch.arange(t)
+    scored = (pos % 3 == 1).expand(n, t)  # target tokens[t+1] is a y
+    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1))
+    return ICLBatch(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        mask=scored.clone(),
+        concept=ops.clone(),
+        shot=shot,
+        token_class=(pos % 3).expand(n, t).clone(),
+        split=split,
+    )
+
+
+def split_pairs(n_bits: int, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The 4**n_bits (x1, x2) pairs shuffled once; the first round(alpha * 4**n_bits) are seen in training."""
+    v = 1 << n_bits
+    flat = torch.randperm(v * v, generator=generator)
+    pairs = torch.stack([flat // v, flat % v], dim=1)
+    n_train = round(alpha * v * v)
+    return pairs[:n_train], pairs[n_train:]
+
+
+class BitwiseDataModule(ICLDataModule):
+    """Bitwise operations on n-bit strings (Han et al. 2024), one operation per sequence.
+
+    Args:
+        n_bits: string length; the vocabulary is the ``2**n_bits`` strings (1 to 10 bits).
+        ops: the operations used, names from ``AND, NAND, OR, NOR, XOR, XNOR, Null``
+            (default: all seven). ``Null`` answers with a uniformly random string.
+        alpha: fraction of the ``4**n_bits`` (x1, x2) pairs seen in training (1.0: all of them).
+        num_shots: examples per sequence (sequence length 3*num_shots - 1).
+        batch_size: training sequences per batch.
+        balanced: every training batch holds batch_size/len(ops) sequences of each op.
+        eval_batch_size, num_eval_batches, seed, num_workers, batch_format: as in
+            :class:`ModularArithmeticDataModule`.
+
+    The concept label is the operation's index in ``OPS`` (``AND``=0 ... ``Null``=6), whichever
+    ops are used. Evaluation splits hold every op equally often: ``all`` draws any (x1, x2);
+    with ``alpha < 1`` it is replaced by ``seen`` and ``unseen``, pairs from the training and
+    from the held-out part.
+    """
+
+    def __init__(
+        self,
+        n_bits: int = 5,
+        ops: list[str] | None = None,
+        alpha: float = 1.0,
+        num_shots: int = 16,
+        batch_size: int = 140,
+        balanced: bool = True,
+        eval_batch_size: int | None = None,
+        num_eval_batches: int = 4,
+        seed: int = 0,
+        num_workers: int = 0,
+        batch_format: str = "icl",
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format)
+        check_positive("n_bits", n_bits)
+        if n_bits > MAX_BITS:
+            raise ValueError(f"n_bits must be <= {MAX_BITS} (one token per string), got {n_bits}")
+        ops = list(OPS) if ops is None else ops
+        if isinstance(ops, str) or not ops or any(op not in OPS for op in ops):
+            raise ValueError(f"ops must be a non-empty list of names from {OPS}, got {ops!r}")
+        ops = list(ops)
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"ops must not repeat a name, got {ops!r}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        if round(alpha * 4**n_bits) < 1:
+            raise ValueError(f"alpha={alpha} leaves no (x1, x2) pair for training with n_bits={n_bits}")
+        check_positive("num_shots", num_shots)
+        if balanced and batch_size % len(ops):
+            raise ValueError(f"batch_size={batch_size} must be a multiple of len(ops)={len(ops)} when balanced=True")
+        self.n_bits, self.num_shots, self.balanced = n_bits, num_shots, balanced
+        self.save_hyperparameters()
+        self.ops = torch.tensor([OPS.index(op) for op in ops], dtype=torch.long)
+        self.train_pairs, self.test_pairs = split_pairs(n_bits, alpha, generator_for(seed, "alpha_split"))
+
+    @property
+    def task_info(self) -> TaskInfo:
+        return TaskInfo(
+            kind="tokens",
+            seq_len=3 * self.num_shots - 1,
+            num_shots=self.num_shots,
+            vocab_size=1 << self.n_bits,
+            num_token_classes=3,
+            num_concepts=len(OPS),
+            eval_splits=list(self.eval_samplers()),
+        )
+
+    def train_sampler(self) -> Sampler:
+        return partial(
+            _train_batch,
+            ops=self.ops,
+            pairs=self.train_pairs,
+            num_shots=self.num_shots,
+            n_bits=self.n_bits,
+            batch_size=self.batch_size,
+            balanced=self.balanced,
+        )
+
+    def eval_samplers(self) -> dict[str, Sampler]:
+        if self.test_pairs.shape[0]:
+            sources = {"seen": self.train_pairs, "unseen": self.test_pairs}
+        else:
+            sources = {"all": self.train_pairs}
+        return {
+            name: partial(
+                _eval_batch,
+                name=name,
+                ops=self.ops,
+                pairs=pairs,
+                num_shots=self.num_shots,
+                n_bits=self.n_bits,
+                batch_size=self.eval_batch_size,
+            )
+            for name, pairs in sources.items()
+        }
+
+
+def _train_batch(
+    gen: torch.Generator,
+    index: int,
+    *,
+    ops: Tensor,
+    pairs: Tensor,
+    num_shots: int,
+    n_bits: int,
+    batch_size: int,
+    balanced: bool,
+) -> ICLBatch:
+    if balanced:
+        chosen = ops.repeat_interleave(batch_size // ops.shape[0])
+    else:
+        chosen = ops[torch.randint(ops.shape[0], (batch_size,), generator=gen)]
+    return sample_sequences(chosen, pairs, num_shots, n_bits, gen, "train")
+
+
+def _eval_batch(
+    gen: torch.Generator,
+    index: int,
+    *,
+    name: str,
+    ops: Tensor,
+    pairs: Tensor,
+    num_shots: int,
+    n_bits: int,
+    batch_size: int,
+) -> ICLBatch:
+    # cycle through the ops so that every op is evaluated equally often
+    chosen = ops[(index * batch_size + torch.arange(batch_size)) % ops.shape[0]]
+    return sample_sequences(chosen, pairs, num_shots, n_bits, gen, name)
