@@ -1,0 +1,92 @@
+"""``lightning-icl report`` draws every figure type from a small run, and a phase diagram from a sweep."""
+
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+
+from conftest import tiny_modular, tiny_module, trainer_kwargs
+from lightning_icl import (
+    AttentionStatistics,
+    CircuitOverlap,
+    ConceptDecodability,
+    ConceptPatching,
+    HeadAblation,
+    HeadAttribution,
+    ICLCurves,
+)
+from lightning_icl.reports import callback_records, hyperparameters, load_yaml, main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(0)
+    data = tiny_modular(num_eval_batches=4)
+    callbacks = [
+        ConceptDecodability(k=5, probe=True),
+        HeadAblation(),
+        HeadAttribution(every_n_steps=5),
+        AttentionStatistics(every_n_steps=5),
+        ICLCurves(by_concept=True),
+        CircuitOverlap(families={"id": 0, "ood": 2}),
+        ConceptPatching(),
+    ]
+    kwargs = trainer_kwargs(root, logger=CSVLogger(str(root), name="run"), limit_val_batches=4, callbacks=callbacks)
+    trainer = L.Trainer(**kwargs)
+    trainer.fit(tiny_module(data), data)
+    return trainer.log_dir
+
+
+@pytest.mark.slow
+def test_report_draws_every_figure_of_a_run(run_dir, tmp_path):
+    index = main([run_dir, "--out", str(tmp_path / "report")])
+    expected = ["training", "per_shot", "decodability", "heads", "attention", "circuits", "patching"]
+    for name in expected:
+        path = tmp_path / "report" / f"{name}.png"
+        assert path.exists() and path.stat().st_size > 10_000, name
+    page = Path(index).read_text()
+    assert page.count("data:image/png;base64,") == len(expected)  # self-contained
+    assert "val/id_seen/acc" in page  # the final metrics table
+
+
+@pytest.mark.slow
+def test_report_of_a_sweep_draws_its_phase_diagram(run_dir, tmp_path):
+    runs = []
+    for i, (num_tasks, alpha) in enumerate([(4, 0.5), (8, 0.5), (4, 0.7), (8, 0.7)]):
+        copy = tmp_path / f"run{i}"
+        shutil.copytree(run_dir, copy)
+        hp = load_yaml(copy / "hparams.yaml")
+        hp.update(num_tasks=num_tasks, alpha=alpha)
+        (copy / "hparams.yaml").write_text(yaml.safe_dump(hp))
+        runs.append(str(copy))
+    assert hyperparameters(runs[1])["num_tasks"] == 8
+    main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "num_tasks,alpha"])
+    assert (tmp_path / "sweep" / "phase_diagram.png").exists()
+    assert (tmp_path / "sweep" / "run3_decodability.png").exists()  # every run's figures, prefixed
+    with pytest.raises(ValueError, match="no run has both hyperparameters"):
+        main([runs[0], "--out", str(tmp_path / "x"), "--phase", "depth,width"])
+
+
+def test_tagged_callback_files_are_found(tmp_path):
+    for name in ("decodability", "decodability_ood", "decodability_extra_stuff", "decodabilityx"):
+        (tmp_path / f"{name}.jsonl").write_text('{"step": 1}\n')
+    assert sorted(callback_records(str(tmp_path), "decodability")) == [
+        "decodability",
+        "decodability_extra_stuff",
+        "decodability_ood",
+    ]
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match="run directories not found"):
+        main([str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--out", str(tmp_path / "r"), "--phase", "num_tasks"])
+    os.makedirs(tmp_path / "empty")
+    index = main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert "Nothing to draw" in Path(index).read_text()
