@@ -141,3 +141,22 @@ def test_one_family_is_a_clear_error(tmp_path):
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=10, logger=False, callbacks=[overlap]))
     with pytest.raises(ValueError, match="at least two task families"):
         trainer.fit(tiny_module(data), data)
+
+
+@pytest.mark.slow
+def test_families_of_a_multi_family_datamodule_are_found(tmp_path):
+    from conftest import tiny_module
+    from lightning_icl import BitwiseDataModule, MultiFamilyDataModule
+
+    families = {
+        "modular": tiny_modular(batch_size=8),
+        "bitwise": BitwiseDataModule(n_bits=3, num_shots=8, batch_size=7, num_eval_batches=2),
+    }
+    data = MultiFamilyDataModule(families, batch_size=16)
+    overlap = CircuitOverlap()
+    L.seed_everything(0)
+    kwargs = trainer_kwargs(tmp_path, max_steps=10, val_check_interval=10, logger=False, callbacks=[overlap])
+    L.Trainer(**kwargs).fit(tiny_module(data), data)
+    record = overlap.history[-1]
+    assert record["families"] == ["modular", "bitwise"]
+    assert len(record["effects"]["bitwise"]) == 2 and len(record["jaccard"]) == 2
