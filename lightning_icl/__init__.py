@@ -4,6 +4,8 @@ from lightning_icl.callbacks import AttentionStatistics, ConceptDecodability, He
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
+from lightning_icl.pruning import HardConcrete, effective_size, heuristic_core, keep_frequency
+from lightning_icl.subnetwork import SubnetworkPruning
 from lightning_icl.tasks import (
     ICLBatch,
     ICLDataModule,
@@ -20,6 +22,7 @@ __all__ = [
     "Capture",
     "CaptureSpec",
     "ConceptDecodability",
+    "HardConcrete",
     "HeadAblation",
     "HeadAttribution",
     "ICLBatch",
@@ -30,5 +33,9 @@ __all__ = [
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
     "SparseLinearRegressionDataModule",
+    "SubnetworkPruning",
     "TaskInfo",
+    "effective_size",
+    "heuristic_core",
+    "keep_frequency",
 ]

@@ -1,6 +1,12 @@
-"""``lightning-icl``: LightningCLI over the package's modules and DataModules."""
+"""``lightning-icl``: LightningCLI over the package's modules and DataModules.
+
+Two more commands read a trained checkpoint: ``lightning-icl prune`` and ``lightning-icl core``
+(subnetworks and their heuristic core, :mod:`lightning_icl.prune_cli`).
+"""
 
 from __future__ import annotations
+
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -29,6 +35,12 @@ class ICLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("prune", "core"):
+        from lightning_icl.prune_cli import COMMANDS
+
+        COMMANDS[argv[0]](argv[1:])
+        return
     ICLCLI(
         L.LightningModule,
         L.LightningDataModule,
