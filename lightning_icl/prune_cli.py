@@ -303,12 +303,13 @@ def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the masks")
     parser.add_argument("--lambda_lr", type=float, default=0.1, help="learning rate of the multipliers")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="params", help="how units count to sparsity")
+    parser.add_argument("--init_log_alpha", type=float, default=10.0, help="initial log alpha of every mask")
     parser.add_argument("--kl", choices=DIVERGENCES, default="pruned_full", help="KL(pruned||full) or reverse")
     parser.add_argument("--accelerator", default="auto")
 
 
 def _pruning_kwargs(args: argparse.Namespace) -> dict:
-    keys = ("steps", "warmup_steps", "lr", "lambda_lr", "weighting", "kl", "accelerator")
+    keys = ("steps", "warmup_steps", "lr", "lambda_lr", "weighting", "kl", "init_log_alpha", "accelerator")
     return {k: getattr(args, k) for k in keys}
 
 
