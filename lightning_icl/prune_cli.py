@@ -143,6 +143,7 @@ def _quiet() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*treespec.*")  # a deprecation inside Lightning
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -267,7 +268,7 @@ def plot_keep_frequency(summary: dict, path: str) -> str:
 
     freq = torch.tensor(summary["frequency"])
     n_l, n_h = freq.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n_h, 1.2 + 0.6 * n_l))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.8 * n_h), 2.0 + 0.6 * n_l))
     image = ax.imshow(freq.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for layer in range(n_l):
         for head in range(n_h):
@@ -279,8 +280,8 @@ def plot_keep_frequency(summary: dict, path: str) -> str:
     ax.set_yticks(range(n_l))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"Head keep frequency over {len(summary['runs'])} subnetworks (core outlined)")
-    fig.colorbar(image, ax=ax, label="fraction of subnetworks keeping the head")
+    ax.set_title(f"Head keep frequency over {len(summary['runs'])} subnetworks\n(heuristic core outlined)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="fraction keeping the head")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
