@@ -60,6 +60,9 @@ class CopyDataModule(ICLDataModule):
         return {"copy": self._sampler("copy")}
 
 
+# the frozen model is in eval mode on purpose
+pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
+
 PLANTED = (0, 2)  # layer 0, head 2: the only head open while the model trains
 
 
