@@ -12,6 +12,8 @@ from lightning_icl.callbacks import (
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
+from lightning_icl.pruning import HardConcrete, effective_size, heuristic_core, keep_frequency
+from lightning_icl.subnetwork import SubnetworkPruning
 from lightning_icl.tasks import (
     BitwiseDataModule,
     ICLBatch,
@@ -33,6 +35,7 @@ __all__ = [
     "CircuitOverlap",
     "ConceptDecodability",
     "ConceptPatching",
+    "HardConcrete",
     "HeadAblation",
     "HeadAttribution",
     "ICLBatch",
@@ -44,5 +47,9 @@ __all__ = [
     "ModularArithmeticDataModule",
     "MultiFamilyDataModule",
     "SparseLinearRegressionDataModule",
+    "SubnetworkPruning",
     "TaskInfo",
+    "effective_size",
+    "heuristic_core",
+    "keep_frequency",
 ]

@@ -1,6 +1,13 @@
-"""``lightning-icl``: LightningCLI over the package's modules and DataModules."""
+"""``lightning-icl``: LightningCLI over the package's modules and DataModules.
+
+Two more commands read a trained checkpoint: ``lightning-icl prune`` and ``lightning-icl core``
+(subnetworks and their heuristic core, :mod:`lightning_icl.prune_cli`); ``lightning-icl report``
+draws run directories (:mod:`lightning_icl.reports`).
+"""
 
 from __future__ import annotations
+
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -28,7 +35,28 @@ class ICLCLI(LightningCLI):
                 print(f"wrote {path}")
 
 
+EXTRA_COMMANDS = """Besides LightningCLI's fit / validate / test / predict:
+  lightning-icl prune --ckpt CKPT --sparsity S --seed N    one subnetwork of a checkpoint (mask.json)
+  lightning-icl core --ckpt CKPT --sparsities ... --seeds ...    subnetworks over seeds, heuristic core
+  lightning-icl report RUN_DIR [RUN_DIR ...] --out DIR    figures and an HTML page from run directories
+(each takes --help)
+"""
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("prune", "core"):
+        from lightning_icl.prune_cli import COMMANDS
+
+        COMMANDS[argv[0]](argv[1:])
+        return
+    if argv and argv[0] == "report":
+        from lightning_icl.reports import main as report_main
+
+        report_main(argv[1:])
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        print(EXTRA_COMMANDS)
     ICLCLI(
         L.LightningModule,
         L.LightningDataModule,

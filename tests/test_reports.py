@@ -90,3 +90,19 @@ def test_bad_input_is_named(tmp_path):
     os.makedirs(tmp_path / "empty")
     index = main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     assert "Nothing to draw" in Path(index).read_text()
+
+
+def test_report_draws_the_core_of_a_sweep_through_the_command_line(tmp_path, capsys):
+    from lightning_icl.cli import main as cli_main
+    from lightning_icl.prune_cli import summarize_runs, write_core_report
+
+    full = {"id_seen": 0.95}
+    runs = [
+        {"heads": [[1, 0], [1, int(seed == 0)]], "mlps": [1, 1], "full_accuracy": full, "accuracy": {"id_seen": acc},
+         "target_sparsity": sparsity, "sparsity": sparsity, "head_sparsity": sparsity, "seed": seed}
+        for sparsity, acc in ((0.25, 0.94), (0.5, 0.6)) for seed in (0, 1)
+    ]  # fmt: skip
+    write_core_report(summarize_runs(runs), str(tmp_path / "core"))
+    cli_main(["report", str(tmp_path / "core"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "core.png").exists()
+    assert "wrote" in capsys.readouterr().out

@@ -135,11 +135,30 @@ class Block(nn.Module):
             nn.Linear(d_model, d_mlp, bias=bias), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model, bias=bias)
         )
 
-    def forward(self, h: Tensor, **attn_kwargs) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Residual update of ``h`` ``[B, T, D]``; also returns the heads' z and attention statistics."""
+    def forward(
+        self, h: Tensor, mlp_gate: Tensor | None = None, mlp_ablate_with: Tensor | None = None, **attn_kwargs
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Residual update of ``h`` ``[B, T, D]``; also returns the heads' z and attention statistics.
+
+        ``mlp_gate`` (a scalar or ``[B]``) mixes the MLP output m with ``mlp_ablate_with`` (mu,
+        ``[D]`` or ``[T, D]``; ``None``: zero) as ``g * m + (1 - g) * mu``.
+        """
         a, z, stats = self.attn(self.ln1(h), **attn_kwargs)
         h = h + a
-        return h + self.mlp(self.ln2(h)), z, stats
+        m = self.mlp(self.ln2(h))
+        if mlp_gate is not None:
+            m = gate_mlp(m, mlp_gate, mlp_ablate_with)
+        return h + m, z, stats
+
+
+def gate_mlp(m: Tensor, gate: Tensor, ablate_with: Tensor | None) -> Tensor:
+    """``g * m + (1 - g) * mu`` on an MLP output m ``[B, T, D]``; gate a scalar or ``[B]``, mu ``[D]`` or ``[T, D]``."""
+    g = gate.to(m.dtype).reshape(-1, 1, 1)  # [B or 1, 1, 1]
+    if ablate_with is None:
+        return g * m
+    mu = ablate_with.to(m.dtype)
+    mu = mu if mu.dim() == 1 else mu[: m.shape[1]]  # [D] or [T, D], broadcast over the batch
+    return g * m + (1 - g) * mu
 
 
 class ICLTransformer(nn.Module):
@@ -238,6 +257,8 @@ class ICLTransformer(nn.Module):
         key_class: Tensor | None = None,
         num_classes: int = 0,
         labels: Tensor | None = None,
+        mlp_gates: Tensor | None = None,
+        mlp_ablate_with: Tensor | None = None,
     ) -> tuple[Tensor, Capture | None]:
         """Run the model.
 
@@ -250,6 +271,9 @@ class ICLTransformer(nn.Module):
                 previous example in the batch), or a mean tensor ``[L, H, Dh]`` or ``[L, H, T, Dh]``.
             key_class, num_classes: token classes ``[B, T]`` for the ``class_mass`` statistic.
             labels: position labels ``[B, T]`` for ``same_label_mass``.
+            mlp_gates: ``[L]`` or ``[B, L]``; block l adds ``g * mlp(x) + (1 - g) * mu`` to the residual.
+            mlp_ablate_with: ``mu`` for the MLPs: ``None`` (zero) or a mean MLP output ``[L, D]``
+                or ``[L, T, D]``.
 
         Returns:
             ``(outputs, capture)``: logits ``[B, T, vocab]`` or predictions ``[B, T, output_dim]``.
@@ -258,6 +282,7 @@ class ICLTransformer(nn.Module):
         if t > self.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
         gates = self._check_gates(head_gates, b)
+        self._check_mlp_gates(mlp_gates, mlp_ablate_with, b, t)
         layers = capture.resolve_layers(self.n_layers) if capture is not None else []
         result = None
         if capture is not None:
@@ -271,7 +296,15 @@ class ICLTransformer(nn.Module):
             mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
             block.attn.keep_qk = keep and capture.qk
             h, z, st = block(
-                h, stats=stats, key_class=key_class, num_classes=num_classes, labels=labels, gate=gate, ablate_with=mu
+                h,
+                mlp_gate=None if mlp_gates is None else mlp_gates[..., i],
+                mlp_ablate_with=None if mlp_ablate_with is None else mlp_ablate_with[i],
+                stats=stats,
+                key_class=key_class,
+                num_classes=num_classes,
+                labels=labels,
+                gate=gate,
+                ablate_with=mu,
             )
             if keep:
                 pos = result.positions
@@ -394,3 +427,14 @@ class ICLTransformer(nn.Module):
         if shape not in ((self.n_layers, self.n_heads), (batch, self.n_layers, self.n_heads)):
             raise ValueError(f"head_gates must be [L, H] = {(self.n_layers, self.n_heads)} or [B, L, H], got {shape}")
         return gates
+
+    def _check_mlp_gates(self, gates: Tensor | None, ablate_with: Tensor | None, batch: int, t: int) -> None:
+        if gates is not None and tuple(gates.shape) not in ((self.n_layers,), (batch, self.n_layers)):
+            raise ValueError(f"mlp_gates must be [L] = ({self.n_layers},) or [B, L], got {tuple(gates.shape)}")
+        if ablate_with is None:
+            return
+        shape = tuple(ablate_with.shape)
+        per_layer = (self.n_layers, self.d_model)
+        per_position = len(shape) == 3 and shape[0] == self.n_layers and shape[2] == self.d_model and shape[1] >= t
+        if shape != per_layer and not per_position:
+            raise ValueError(f"mlp_ablate_with must be [L, D] = {per_layer} or [L, T, D] with T >= {t}, got {shape}")

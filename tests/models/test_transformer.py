@@ -250,3 +250,54 @@ def test_bad_forward_input_is_named():
         model(tokens(), capture=CaptureSpec(positions=torch.tensor([30])))
     with pytest.raises(ValueError, match="stats"):
         CaptureSpec(stats=("pattern",))
+
+
+def run_with_mlp_replaced(model, x, layer, replacement):
+    """Reference: overwrite one block's MLP output by hand."""
+    handle = model.blocks[layer].mlp.register_forward_hook(lambda module, args, out: replacement.expand_as(out))
+    try:
+        return model(x)[0]
+    finally:
+        handle.remove()
+
+
+def test_mlp_gates_mean_ablate_and_one_is_identity():
+    model = token_model()
+    x = tokens()
+    plain, _ = model(x)
+    ones, _ = model(x, mlp_gates=torch.ones(3), mlp_ablate_with=torch.randn(3, 32))
+    torch.testing.assert_close(ones, plain)
+    mean = torch.randn(3, 32)
+    gates = torch.tensor([1.0, 0.0, 1.0])
+    out, _ = model(x, mlp_gates=gates, mlp_ablate_with=mean)
+    torch.testing.assert_close(out, run_with_mlp_replaced(model, x, 1, mean[1]))
+    # zero ablation, a per-position mean [L, T, D], and per-example gates [B, L]
+    zero, _ = model(x, mlp_gates=gates)
+    torch.testing.assert_close(zero, run_with_mlp_replaced(model, x, 1, torch.zeros(32)))
+    mean_t = torch.randn(3, 40, 32)
+    out_t, _ = model(x, mlp_gates=gates, mlp_ablate_with=mean_t)
+    torch.testing.assert_close(out_t, run_with_mlp_replaced(model, x, 1, mean_t[1, :23]))
+    per_example = torch.ones(4, 3)
+    per_example[2, 1] = 0.0
+    batched, _ = model(x, mlp_gates=per_example, mlp_ablate_with=mean)
+    torch.testing.assert_close(batched[2], out[2])
+    torch.testing.assert_close(batched[[0, 1, 3]], plain[[0, 1, 3]])
+
+
+def test_mlp_gate_gradient_flows_with_head_gates():
+    model = token_model()
+    heads = torch.ones(4, 3, 2, requires_grad=True)
+    mlps = torch.ones(4, 3, requires_grad=True)
+    out, _ = model(tokens(), head_gates=heads, mlp_gates=mlps, mlp_ablate_with=torch.zeros(3, 32))
+    out.logsumexp(-1).mean().backward()
+    assert heads.grad.abs().sum() > 0 and mlps.grad.abs().sum() > 0
+
+
+def test_bad_mlp_gates_are_named():
+    model = token_model()
+    with pytest.raises(ValueError, match="mlp_gates must be"):
+        model(tokens(), mlp_gates=torch.ones(2))
+    with pytest.raises(ValueError, match="mlp_ablate_with must be"):
+        model(tokens(), mlp_gates=torch.ones(3), mlp_ablate_with=torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="mlp_ablate_with must be"):
+        model(tokens(t=23), mlp_gates=torch.ones(3), mlp_ablate_with=torch.zeros(3, 10, 32))

@@ -1,0 +1,367 @@
+"""``lightning-icl prune`` and ``lightning-icl core``: subnetworks of a trained checkpoint.
+
+``prune`` learns one subnetwork (:class:`~lightning_icl.subnetwork.SubnetworkPruning`) at one
+target sparsity and seed and writes ``mask.json``. ``core`` runs ``prune`` over sparsities x
+seeds and writes the heuristic core of the subnetworks (:mod:`lightning_icl.pruning`): a table
+of runs (CSV and markdown), the keep frequency of every head, the core, the effective size and
+a heatmap of the keep frequency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import inspect
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lightning_icl.module import ICLModule
+from lightning_icl.pruning import effective_size, heuristic_core, keep_frequency
+from lightning_icl.subnetwork import DIVERGENCES, WEIGHTINGS, SubnetworkPruning
+from lightning_icl.tasks.base import ICLDataModule, TrainStream, derive_seed
+
+
+# ---- loading a trained run ------------------------------------------------------------
+def load_trained(ckpt_path: str) -> tuple[ICLModule, ICLDataModule]:
+    """The :class:`ICLModule` of a checkpoint and its DataModule rebuilt from the saved hyperparameters."""
+    module = ICLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return module, load_datamodule(ckpt_path)
+
+
+def load_datamodule(ckpt_path: str) -> ICLDataModule:
+    """The DataModule a checkpoint was trained with, from its saved hyperparameters.
+
+    The class is the ``_class_path`` LightningCLI stores; a checkpoint from a plain
+    ``Trainer.fit`` has none, and then the package DataModule whose constructor takes the
+    saved arguments is used. Batches come as :class:`ICLBatch` whatever ``batch_format`` was.
+    """
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    if not hparams:
+        raise ValueError(f"{ckpt_path} holds no DataModule hyperparameters: was it trained with a DataModule?")
+    hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path", None)
+    cls = _import_datamodule(class_path) if class_path else _datamodule_taking(hparams)
+    if "batch_format" in hparams:
+        hparams["batch_format"] = "icl"
+    return cls(**hparams)
+
+
+def _import_datamodule(class_path: str) -> type[ICLDataModule]:
+    import lightning_icl
+
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name) if module_name else lightning_icl, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ICLDataModule)):
+        raise ValueError(f"the checkpoint's DataModule {class_path!r} is not an ICLDataModule of this package")
+    return cls
+
+
+def _datamodule_taking(hparams: dict) -> type[ICLDataModule]:
+    import lightning_icl
+
+    candidates = [
+        cls
+        for cls in vars(lightning_icl).values()
+        if isinstance(cls, type) and issubclass(cls, ICLDataModule) and cls is not ICLDataModule
+    ]
+    fits = [cls for cls in candidates if set(hparams) <= set(inspect.signature(cls.__init__).parameters)]
+    if len(fits) != 1:
+        names = sorted(c.__name__ for c in fits)
+        raise ValueError(f"cannot tell the checkpoint's DataModule from its arguments {sorted(hparams)}: {names}")
+    return fits[0]
+
+
+def pruning_loader(data: ICLDataModule, seed: int) -> DataLoader:
+    """Training batches of ``data``'s tasks from a stream of their own, one per pruning seed."""
+    stream = TrainStream(data.train_sampler(), derive_seed(data.seed, "prune", seed))
+    return DataLoader(stream, batch_size=None, num_workers=0)
+
+
+# ---- one subnetwork ---------------------------------------------------------------------
+def prune(
+    module: ICLModule,
+    data: ICLDataModule,
+    out: str,
+    sparsity: float = 0.5,
+    seed: int = 0,
+    steps: int = 500,
+    warmup_steps: int | None = None,
+    val_every: int | None = None,
+    accelerator: str = "auto",
+    progress: bool = True,
+    **pruning_kwargs,
+) -> dict:
+    """Learn one subnetwork of ``module`` and write ``out/mask.json`` (and ``out/metrics.csv``).
+
+    ``warmup_steps`` defaults to half of ``steps``; ``pruning_kwargs`` go to
+    :class:`SubnetworkPruning`. Returns the content of ``mask.json``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    warmup_steps = steps // 2 if warmup_steps is None else warmup_steps
+    L.seed_everything(seed, verbose=False)
+    pruner = SubnetworkPruning(module, target_sparsity=sparsity, warmup_steps=warmup_steps, seed=seed, **pruning_kwargs)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        val_check_interval=min(steps, val_every or max(1, steps // 4)),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(out, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(25, steps // 10)),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen model, on purpose
+        trainer.fit(pruner, train_dataloaders=pruning_loader(data, seed), val_dataloaders=data.val_dataloader())
+    return {**pruner.last_result, "steps": steps}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's per-Trainer chatter off while a sweep draws its own progress bar."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*treespec.*")  # a deprecation inside Lightning
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+# ---- many subnetworks: the heuristic core -------------------------------------------
+def core_sweep(
+    module: ICLModule,
+    data: ICLDataModule,
+    out: str,
+    sparsities: Sequence[float] = (0.3, 0.5, 0.7),
+    seeds: Sequence[int] = (0, 1, 2),
+    fraction: float = 1.0,
+    margin: float = 0.03,
+    progress: bool = True,
+    **prune_kwargs,
+) -> dict:
+    """:func:`prune` at every sparsity x seed (into ``out/sparsity{S}_seed{N}/``), then the summary.
+
+    Returns the summary written to ``out/core.json``: the runs, the full model's accuracy,
+    the keep frequency ``[L, H]``, the core (heads kept by at least ``fraction`` of the runs)
+    and the effective size per split.
+    """
+    runs = []
+    grid = [(s, n) for s in sparsities for n in seeds]
+    with _quiet():
+        bar = tqdm(grid, desc="pruning runs", unit="run", disable=not progress)
+        for s, n in bar:
+            start = time.perf_counter()
+            run_dir = os.path.join(out, f"sparsity{s:.2f}_seed{n}")
+            result = prune(module, data, run_dir, sparsity=s, seed=n, progress=False, **prune_kwargs)
+            runs.append({**result, "seconds": time.perf_counter() - start, "dir": run_dir})
+            acc = ", ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items())
+            bar.set_postfix_str(f"sparsity {result['sparsity']:.2f}: {acc}")
+    return summarize_runs(runs, fraction=fraction, margin=margin)
+
+
+def summarize_runs(runs: Sequence[dict], fraction: float = 1.0, margin: float = 0.03) -> dict:
+    """Keep frequency, heuristic core and effective size (per split) of ``mask.json`` records."""
+    masks = [torch.tensor(r["heads"]) for r in runs]
+    frequency = keep_frequency(masks)
+    core = heuristic_core(masks, fraction)
+    full = runs[0]["full_accuracy"]
+    return {
+        "runs": list(runs),
+        "full_accuracy": full,
+        "frequency": frequency.tolist(),
+        "mlp_frequency": keep_frequency([torch.tensor(r["mlps"])[None] for r in runs])[0].tolist(),
+        "fraction": fraction,
+        "core": [[layer, head] for layer, head in core.nonzero().tolist()],
+        "margin": margin,
+        "effective_size": {split: effective_size(runs, full, margin, split) for split in full},
+    }
+
+
+def write_core_report(summary: dict, out: str) -> list[str]:
+    """``runs.csv``, ``core.md``, ``core.json`` and ``head_frequency.png`` in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    runs, full = summary["runs"], summary["full_accuracy"]
+    splits = list(full)
+    columns = ["target_sparsity", "seed", "sparsity", "head_sparsity", "kept_heads", "kept_mlps", "seconds"]
+    rows = [
+        {
+            "target_sparsity": r["target_sparsity"],
+            "seed": r["seed"],
+            "sparsity": round(r["sparsity"], 4),
+            "head_sparsity": round(r["head_sparsity"], 4),
+            "kept_heads": int(sum(map(sum, r["heads"]))),
+            "kept_mlps": int(sum(r["mlps"])),
+            "seconds": round(r.get("seconds", float("nan")), 1),
+            **{f"acc_{s}": round(r["accuracy"][s], 4) for s in splits},
+        }
+        for r in runs
+    ]
+    paths = [os.path.join(out, name) for name in ("runs.csv", "core.md", "core.json", "head_frequency.png")]
+    with open(paths[0], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, *(f"acc_{s}" for s in splits)])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(paths[1], "w") as f:
+        f.write(_markdown(summary, rows, splits))
+    with open(paths[2], "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_keep_frequency(summary, paths[3])
+    return paths
+
+
+def _markdown(summary: dict, rows: list[dict], splits: list[str]) -> str:
+    def table(header: list[str], body: list[list]) -> list[str]:
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(fmt(v) for v in row) + " |" for row in body),
+        ]
+
+    full = summary["full_accuracy"]
+    freq = summary["frequency"]
+    n_runs = len(summary["runs"])
+    lines = ["# Subnetworks and the heuristic core", ""]
+    lines += ["Full model accuracy:", "", *table(splits, [[full[s] for s in splits]]), ""]
+    lines += [f"## Runs ({n_runs})", ""]
+    keys = list(rows[0])
+    lines += [*table(keys, [[r[k] for k in keys] for r in rows]), ""]
+    lines += ["## Head keep frequency (fraction of subnetworks keeping each head)", ""]
+    lines += [*table(["layer", *(f"head {h}" for h in range(len(freq[0])))], [[i, *f] for i, f in enumerate(freq)])]
+    lines += ["", "MLP keep frequency per layer: " + ", ".join(f"{v:.2f}" for v in summary["mlp_frequency"]), ""]
+    core = ", ".join(f"L{layer}H{head}" for layer, head in summary["core"]) or "(none)"
+    lines += [f"## Heuristic core (heads kept by >= {summary['fraction']:.0%} of subnetworks)", "", core, ""]
+    lines += [f"## Effective size (100 - largest sparsity % within {summary['margin']} of the full model)", ""]
+    lines += [*table(splits, [[summary["effective_size"][s] for s in splits]]), ""]
+    return "\n".join(lines)
+
+
+def plot_keep_frequency(summary: dict, path: str) -> str:
+    """Heatmap of the keep frequency ``[L, H]``; core heads are outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    freq = torch.tensor(summary["frequency"])
+    n_l, n_h = freq.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.8 * n_h), 2.0 + 0.6 * n_l))
+    image = ax.imshow(freq.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for layer in range(n_l):
+        for head in range(n_h):
+            value = float(freq[layer, head])
+            ax.text(head, layer, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.5 else "white")
+    for layer, head in summary["core"]:
+        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(n_h))
+    ax.set_yticks(range(n_l))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"Head keep frequency over {len(summary['runs'])} subnetworks\n(heuristic core outlined)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="fraction keeping the head")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- command lines ----------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="ICLModule checkpoint (from lightning-icl fit)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per subnetwork")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="target ramp length (default: steps / 2)")
+    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the masks")
+    parser.add_argument("--lambda_lr", type=float, default=0.1, help="learning rate of the multipliers")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="params", help="how units count to sparsity")
+    parser.add_argument("--init_log_alpha", type=float, default=10.0, help="initial log alpha of every mask")
+    parser.add_argument("--kl", choices=DIVERGENCES, default="pruned_full", help="KL(pruned||full) or reverse")
+    parser.add_argument("--accelerator", default="auto")
+
+
+def _pruning_kwargs(args: argparse.Namespace) -> dict:
+    keys = ("steps", "warmup_steps", "lr", "lambda_lr", "weighting", "kl", "init_log_alpha", "accelerator")
+    return {k: getattr(args, k) for k in keys}
+
+
+def prune_main(argv: Sequence[str]) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="lightning-icl prune", description="Learn one subnetwork of a checkpoint; write mask.json."
+    )
+    _add_pruning_arguments(parser)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run directory (default: runs/prune/sparsity{S}_seed{N})")
+    args = parser.parse_args(list(argv))
+    out = args.out or os.path.join("runs", "prune", f"sparsity{args.sparsity:.2f}_seed{args.seed}")
+    module, data = load_trained(args.ckpt)
+    result = prune(module, data, out, sparsity=args.sparsity, seed=args.seed, **_pruning_kwargs(args))
+    acc = ", ".join(
+        f"{s} {result['accuracy'][s]:.3f} (full {result['full_accuracy'][s]:.3f})" for s in result["accuracy"]
+    )
+    print(f"sparsity {result['sparsity']:.3f}, kept heads {result['heads']}, MLPs {result['mlps']}; accuracy {acc}")
+    print(f"wrote {os.path.join(out, 'mask.json')}")
+    return result
+
+
+def core_main(argv: Sequence[str]) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="lightning-icl core", description="Subnetworks at sparsities x seeds, and their heuristic core."
+    )
+    _add_pruning_arguments(parser)
+    parser.add_argument("--sparsities", type=_floats, default=[0.3, 0.5, 0.7], help="comma-separated, e.g. 0.3,0.5")
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--fraction", type=float, default=1.0, help="core: heads kept by >= this fraction of runs")
+    parser.add_argument("--margin", type=float, default=0.03, help="effective size: accuracy margin")
+    parser.add_argument("--out", default=os.path.join("runs", "core"), help="output directory")
+    args = parser.parse_args(list(argv))
+    module, data = load_trained(args.ckpt)
+    summary = core_sweep(
+        module,
+        data,
+        args.out,
+        sparsities=args.sparsities,
+        seeds=args.seeds,
+        fraction=args.fraction,
+        margin=args.margin,
+        **_pruning_kwargs(args),
+    )
+    core = ", ".join(f"L{layer}H{head}" for layer, head in summary["core"]) or "(none)"
+    sizes = ", ".join(f"{s} {v:.0f}" for s, v in summary["effective_size"].items())
+    print(f"heuristic core: {core}; effective size (% of the model): {sizes}")
+    for path in write_core_report(summary, args.out):
+        print(f"wrote {path}")
+    return summary
+
+
+COMMANDS = {"prune": prune_main, "core": core_main}
