@@ -24,7 +24,7 @@ timed lightning-icl fit --config configs/han2024_sparse_regression_cpu.yaml
 timed lightning-icl report runs/han_cpu/version_0 --out runs/reports/han
 
 # 3. Circuit overlap between two task families on one model, and a heuristic core over seeds
-timed lightning-icl fit --config configs/multi_family.yaml --config configs/circuits_cpu.yaml
+timed lightning-icl fit --config configs/multi_family.yaml --config configs/add/circuits.yaml
 timed lightning-icl report runs/circuits/version_0 --out runs/reports/circuits
 timed lightning-icl core --ckpt runs/he_sweep/n4_a0.8/version_0/checkpoints/last.ckpt \
     --sparsities 0.2,0.4,0.6 --seeds 0,1,2 --weighting units --out runs/core

@@ -1,6 +1,7 @@
 """The command line: every config in configs/ parses, instantiates and trains a few steps."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -104,3 +105,13 @@ def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, 
 def test_bad_data_argument_is_reported():
     with pytest.raises(ValueError, match="p must be a prime, got 9"):
         main(["fit", "--model=ICLModule", "--data=ModularArithmeticDataModule", "--data.p=9", "--trainer.max_steps=1"])
+
+
+@pytest.mark.slow
+def test_circuits_add_on_config_measures_overlap_between_the_families(tmp_path):
+    config = next(c for c in CONFIGS if "multi_family" in c)
+    add_on = os.path.join(os.path.dirname(config), "add", "circuits.yaml")
+    args = shrunk(tmp_path, config)
+    main(["fit", *args[:1], f"--config={add_on}", *args[1:]])
+    record = json.loads((tmp_path / "run" / "version_0" / "circuits.jsonl").read_text().splitlines()[-1])
+    assert record["families"] == ["modular", "bitwise"]
