@@ -8,7 +8,7 @@ import torch
 
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.metrics import ConceptDecodability as DecodabilityMetric
-from lightning_icl.metrics.functional import DISTANCES, concept_decodability, ridge_probe_accuracy
+from lightning_icl.metrics.functional import DISTANCES, concept_decodability, ridge_probe_accuracy, stratified_halves
 
 from .base import ICLCallback, heatmap
 
@@ -73,7 +73,8 @@ class ConceptDecodability(ICLCallback):
             "num_points": int(labels.numel()),
         }
         if self.probe:
-            train, test = slice(0, None, 2), slice(1, None, 2)
+            train = stratified_halves(labels)  # fit on half of each concept's points, score on the rest
+            test = ~train
             record["probe"] = [
                 float(ridge_probe_accuracy(x[train], labels[train], x[test], labels[test])) for x in layers
             ]

@@ -102,3 +102,14 @@ def ridge_probe_accuracy(
     w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=x.dtype, device=x.device), x.T @ targets)
     predicted = classes[(xt @ w).argmax(1)]
     return (predicted == test_labels).float().mean()
+
+
+def stratified_halves(labels: Tensor) -> Tensor:
+    """``[N]`` bool: every other point *of each label* (in order) is True, so both halves hold every
+    label with at least two points, whatever the order of the points (e.g. labels cycling through
+    the concepts, where every other point overall would put whole concepts in one half)."""
+    train = torch.zeros_like(labels, dtype=torch.bool)
+    for label in labels.unique():
+        idx = (labels == label).nonzero()[:, 0]
+        train[idx[::2]] = True
+    return train

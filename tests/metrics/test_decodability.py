@@ -84,6 +84,20 @@ def test_ridge_probe():
     assert ridge_probe_accuracy(noise[train], y[train], noise[test], y[test]) < 0.45
 
 
+def test_stratified_halves_put_every_concept_on_both_sides():
+    from lightning_icl.metrics.functional import stratified_halves
+
+    labels = torch.arange(48) % 8  # balanced batches cycle through the concepts
+    train = stratified_halves(labels)
+    assert train.sum() == 24
+    for c in range(8):
+        assert train[labels == c].sum() == 3 and (~train)[labels == c].sum() == 3
+    # with separable concepts the probe on these halves is exact (every other point overall scored 0)
+    x = torch.nn.functional.one_hot(labels, 8).double() * 5 + 0.1 * torch.randn(48, 8, dtype=torch.float64)
+    assert ridge_probe_accuracy(x[train], labels[train], x[~train], labels[~train]) == 1.0
+    assert ridge_probe_accuracy(x[::2], labels[::2], x[1::2], labels[1::2]) == 0.0
+
+
 def test_bad_input_is_named():
     x, y = torch.randn(10, 2), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match="distance must be one of"):
