@@ -2,7 +2,8 @@
 
 Reads what :class:`~lightning_icl.ICLModule` and the callbacks write into a run directory
 (``metrics.csv``, ``icl_curves.jsonl``, ``decodability*.jsonl``, ``ablation*.jsonl``,
-``attribution*.jsonl``, ``attention*.jsonl``, ``circuits*.jsonl``, ``patching*.jsonl``), the
+``attribution*.jsonl``, ``attention*.jsonl``, ``curves*.jsonl``, ``circuits*.jsonl``,
+``patching*.jsonl``), the
 output of ``lightning-icl core`` (``core.json``), and the hyperparameters (``hparams.yaml`` or
 ``config.yaml``), and draws every figure the run has data for. Several runs of a sweep also give
 a phase diagram of a final metric over two hyperparameters (He et al.'s n_i.d. x alpha grid).
@@ -207,6 +208,39 @@ def plot_circuits(records: list[dict], out: str) -> str:
     return _save(fig, out)
 
 
+def plot_concept_curves(records: list[dict], out: str) -> str | None:
+    """Per-concept loss: per shot at the last evaluation, and at the last shot over training (``ICLCurves``)."""
+    last = records[-1]
+    split = next((name for name, c in last["splits"].items() if c.get("loss_by_concept")), None)
+    if split is None:
+        return None
+    concepts = list(last["splits"][split]["loss_by_concept"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    cmap = plt.get_cmap("tab10" if len(concepts) <= 10 else "viridis")
+    for i, concept in enumerate(concepts):
+        colour = cmap(i if len(concepts) <= 10 else i / max(1, len(concepts) - 1))
+        curve = [math.nan if v is None else v for v in last["splits"][split]["loss_by_concept"][concept]]
+        left.plot(range(len(curve)), curve, ".-", color=colour, label=f"concept {concept}")
+        steps, values = [], []
+        for r in records:
+            c = r["splits"].get(split, {}).get("loss_by_concept", {}).get(concept)
+            if c:
+                seen = [v for v in c if v is not None]
+                steps.append(r["step"])
+                values.append(seen[-1] if seen else math.nan)
+        right.plot(steps, values, ".-", color=colour, label=f"concept {concept}")
+    left.set_xlabel("shot (examples before the answer)")
+    left.set_title(f"{split}: loss per shot and concept (step {last['step']})", fontsize=9)
+    right.set_xlabel("optimizer step")
+    right.set_title(f"{split}: last-shot loss per concept over training", fontsize=9)
+    for ax in (left, right):
+        ax.set_ylabel("loss at the answer")
+        ax.grid(alpha=0.3)
+        if len(concepts) <= 10:
+            ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
 def plot_patching(record: dict, out: str) -> str:
     from lightning_icl.callbacks.patching import ConceptPatching
 
@@ -259,6 +293,9 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
     curves = os.path.join(run_dir, "icl_curves.jsonl")
     if os.path.exists(curves):
         add("Per-shot curves at several steps", lambda p: plot_icl_curves(read_curves(curves), p), "per_shot")
+    for stem, records in callback_records(run_dir, "curves").items():
+        if any(c.get("loss_by_concept") for c in records[-1]["splits"].values()):
+            add(f"Per-concept curves ({stem})", lambda p, r=records: plot_concept_curves(r, p), f"{stem}_by_concept")
     for stem, records in callback_records(run_dir, "decodability").items():
         add(f"Concept decodability ({stem})", lambda p, r=records: plot_decodability(r, p), stem)
     ablation = callback_records(run_dir, "ablation")

@@ -45,7 +45,8 @@ def run_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_report_draws_every_figure_of_a_run(run_dir, tmp_path):
     index = main([run_dir, "--out", str(tmp_path / "report")])
-    expected = ["training", "per_shot", "decodability", "heads", "attention", "circuits", "patching"]
+    expected = ["training", "per_shot", "curves_by_concept", "decodability"]
+    expected += ["heads", "attention", "circuits", "patching"]
     for name in expected:
         path = tmp_path / "report" / f"{name}.png"
         assert path.exists() and path.stat().st_size > 10_000, name
