@@ -124,7 +124,11 @@ def plot_decodability(records: list[dict], out: str) -> str:
     """Concept decodability per layer over training (heatmap) and per layer at the end."""
     steps = [r["step"] for r in records]
     cd = torch.tensor([r["cd"] for r in records]).T  # [L, evaluations]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    by_shot = bool(records[-1].get("cd_by_shot"))
+    ratios = [2, 1, 1] if by_shot else [2, 1]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(15 if by_shot else 11, 3.8), gridspec_kw={"width_ratios": ratios})
+    left, right = axes[:2]
+    shots_ax = axes[2] if by_shot else None
     image = left.imshow(cd, aspect="auto", vmin=0, vmax=1, cmap="viridis")
     left.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=6)
     left.set_yticks(range(cd.shape[0]))
@@ -133,6 +137,16 @@ def plot_decodability(records: list[dict], out: str) -> str:
     left.set_title("concept decodability per layer over training", fontsize=9)
     fig.colorbar(image, ax=left, label="leave-one-out kNN accuracy")
     last = records[-1]
+    if shots_ax is not None:  # decodability against the number of examples seen
+        for layer, row in enumerate(last["cd_by_shot"]):
+            shots_ax.plot(range(len(row)), row, ".-", label=f"layer {layer}")
+        if last.get("concepts"):
+            shots_ax.axhline(1 / len(last["concepts"]), color="grey", ls=":", label="chance")
+        shots_ax.set_ylim(0, 1.02)
+        shots_ax.set_xlabel("shot (examples before the answer)")
+        shots_ax.set_ylabel("decodability (kNN accuracy)")
+        shots_ax.set_title(f"decodability by shot (step {last['step']})", fontsize=9)
+        shots_ax.legend(fontsize=7)
     right.plot(range(cd.shape[0]), last["cd"], "o-", label="kNN (k-nearest neighbours)")
     if last.get("probe"):
         right.plot(range(cd.shape[0]), last["probe"], "s--", label="ridge probe (held out)")

@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
     L.seed_everything(0)
     data = tiny_modular(num_eval_batches=4)
     callbacks = [
-        ConceptDecodability(k=5, probe=True),
+        ConceptDecodability(k=5, probe=True, by_shot=True),
         HeadAblation(),
         HeadAttribution(every_n_steps=5),
         AttentionStatistics(every_n_steps=5),

@@ -25,6 +25,8 @@ class ConceptDecodability(ICLCallback):
     Args:
         k: neighbours; distance: ``"euclidean"`` or ``"cosine"``.
         probe: also fit a closed-form ridge probe on half the points and score it on the other half.
+        by_shot: also measure CD at the token before *every* answer, so after 0, 1, ... examples
+            (``cd_by_shot`` ``[L][shots]``; Han et al.'s decodability growing with the shots).
         every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
     """
 
@@ -35,6 +37,7 @@ class ConceptDecodability(ICLCallback):
         k: int = 10,
         distance: str = "euclidean",
         probe: bool = False,
+        by_shot: bool = False,
         every_n_steps: int | None = None,
         on_validation: bool = True,
         num_batches: int = 4,
@@ -46,22 +49,24 @@ class ConceptDecodability(ICLCallback):
             raise ValueError(f"k must be >= 1, got {k}")
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-        self.k, self.distance, self.probe = k, distance, probe
+        self.k, self.distance, self.probe, self.by_shot = k, distance, probe, by_shot
 
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, Any]:
         adapter = self.adapter(pl_module)
         metric = DecodabilityMetric(self.k, self.distance).to(pl_module.device)
         for batch in self.eval_batches(trainer, pl_module):
-            last = adapter.answer_positions(batch)[:, -1:]  # the token before the final answer
-            _, cap = adapter.forward(batch, capture=CaptureSpec(residual=True, positions=last))
-            features = torch.stack([cap.residual[layer][:, 0] for layer in sorted(cap.residual)], dim=1)  # [B, L, D]
-            metric.update(features, adapter.concept(batch))
+            answers = adapter.answer_positions(batch)
+            positions = answers if self.by_shot else answers[:, -1:]  # the token(s) before the answer(s)
+            _, cap = adapter.forward(batch, capture=CaptureSpec(residual=True, positions=positions))
+            features = torch.stack([cap.residual[layer] for layer in sorted(cap.residual)], dim=1)  # [B, L, P, D]
+            metric.update(features.flatten(1, 2), adapter.concept(batch))  # one "layer" per (layer, shot)
         metric.sync(should_sync=trainer.world_size > 1)  # every rank now holds every point
         features, labels = metric.gathered()
         if trainer.world_size > 1:
             metric.unsync()
-        layers = features.transpose(0, 1)  # [L, N, D]
+        grid = features.unflatten(1, (adapter.n_layers, -1)).transpose(0, 1)  # [L, N, P, D]
+        layers = grid[:, :, -1]  # [L, N, D] at the final answer
         cd, concepts, per_concept = concept_decodability(layers, labels, self.k, self.distance, per_concept=True)
         peak = int(cd.argmax())
         record = {
@@ -72,6 +77,10 @@ class ConceptDecodability(ICLCallback):
             "cd_per_concept_at_peak": per_concept[peak].tolist(),
             "num_points": int(labels.numel()),
         }
+        if self.by_shot:
+            per_shot = grid.permute(0, 2, 1, 3).flatten(0, 1)  # [L * P, N, D]
+            by_shot = concept_decodability(per_shot, labels, self.k, self.distance)
+            record["cd_by_shot"] = by_shot.view(grid.shape[0], grid.shape[2]).tolist()
         if self.probe:
             train = stratified_halves(labels)  # fit on half of each concept's points, score on the rest
             test = ~train

@@ -14,7 +14,7 @@ from lightning_icl.interventions import ablation_effects, gate_gradients
 
 def all_callbacks():
     return [
-        ConceptDecodability(k=5, probe=True, num_batches=2),
+        ConceptDecodability(k=5, probe=True, by_shot=True, num_batches=2),
         HeadAblation(mode="mean", num_batches=1),
         HeadAttribution(every_n_steps=5),
         AttentionStatistics(every_n_steps=5),
@@ -46,6 +46,8 @@ def test_every_callback_records_logs_and_plots(tmp_path):
     rec = cd.history[-1]
     assert len(rec["cd"]) == 2 and all(0 <= v <= 1 for v in rec["cd"]) and rec["peak"] == max(rec["cd"])
     assert rec["num_points"] == 2 * 16 and len(rec["probe"]) == 2
+    assert len(rec["cd_by_shot"]) == 2 and len(rec["cd_by_shot"][0]) == 8  # [L][shots]
+    assert [row[-1] for row in rec["cd_by_shot"]] == pytest.approx(rec["cd"])  # the last shot is the final query
     # ablation: [L, H] effects and clean values
     rec = ablation.history[-1]
     assert torch.tensor(rec["loss_effect"]).shape == (2, 2) and rec["mode"] == "mean" and rec["clean_acc"] is not None
