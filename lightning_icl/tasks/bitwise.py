@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .base import ICLDataModule, Sampler, TaskInfo, check_positive, generator_for
 from .batch import ICLBatch
+from .modular import split_inputs, triples_batch
 
 OPS = ("AND", "NAND", "OR", "NOR", "XOR", "XNOR", "Null")
 """Every operation; the concept label of a sequence is its operation's index in this tuple."""
@@ -43,29 +44,7 @@ def sample_sequences(
     noise = torch.randint(1 << n_bits, (n, num_shots), generator=generator)  # Null's answers
     table = torch.stack([apply_op(name, x1, x2, n_bits) for name in OPS[:-1]] + [noise])  # [len(OPS), B, K]
     y = table.gather(0, ops.view(1, n, 1).expand(1, n, num_shots)).squeeze(0)
-    tokens = torch.stack([x1, x2, y], dim=2).reshape(n, 3 * num_shots)  # [B, 3K]: x1 x2 y x1 x2 y ...
-    t = 3 * num_shots - 1
-    pos = torch.arange(t)
-    scored = (pos % 3 == 1).expand(n, t)  # target tokens[t+1] is a y
-    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1))
-    return ICLBatch(
-        inputs=tokens[:, :-1],
-        targets=tokens[:, 1:],
-        mask=scored.clone(),
-        concept=ops.clone(),
-        shot=shot,
-        token_class=(pos % 3).expand(n, t).clone(),
-        split=split,
-    )
-
-
-def split_pairs(n_bits: int, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The 4**n_bits (x1, x2) pairs shuffled once; the first round(alpha * 4**n_bits) are seen in training."""
-    v = 1 << n_bits
-    flat = torch.randperm(v * v, generator=generator)
-    pairs = torch.stack([flat // v, flat % v], dim=1)
-    n_train = round(alpha * v * v)
-    return pairs[:n_train], pairs[n_train:]
+    return triples_batch(x1, x2, y, ops.clone(), split)  # x1 x2 y x1 x2 y ...
 
 
 class BitwiseDataModule(ICLDataModule):
@@ -122,7 +101,8 @@ class BitwiseDataModule(ICLDataModule):
         self.n_bits, self.num_shots, self.balanced = n_bits, num_shots, balanced
         self.save_hyperparameters()
         self.ops = torch.tensor([OPS.index(op) for op in ops], dtype=torch.long)
-        self.train_pairs, self.test_pairs = split_pairs(n_bits, alpha, generator_for(seed, "alpha_split"))
+        # the 4**n_bits (x1, x2) pairs, shuffled once; the first round(alpha * 4**n_bits) are seen in training
+        self.train_pairs, self.test_pairs = split_inputs(1 << n_bits, alpha, generator_for(seed, "alpha_split"))
 
     @property
     def task_info(self) -> TaskInfo:

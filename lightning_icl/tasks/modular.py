@@ -69,11 +69,31 @@ def ood_task_set(p: int, id_tasks: Tensor, max_tasks: int, generator: torch.Gene
 
 
 def split_inputs(p: int, alpha: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The p^2 (x, y) pairs shuffled once; the first round(alpha p^2) are seen in training."""
+    """The p^2 (x, y) pairs of numbers below ``p`` shuffled once; the first round(alpha p^2) are seen in training."""
     flat = torch.randperm(p * p, generator=generator)
     pairs = torch.stack([flat // p, flat % p], dim=1)
     n_train = round(alpha * p * p)
     return pairs[:n_train], pairs[n_train:]
+
+
+def triples_batch(x: Tensor, y: Tensor, z: Tensor, concept: Tensor, split: str) -> ICLBatch:
+    """Sequences ``x y z x y z ...`` of ``[B, K]`` examples, scored at every z (the token before it
+    predicts it), with token classes x = 0, y = 1, z = 2: the layout of every two-operand token task."""
+    n, num_shots = x.shape
+    tokens = torch.stack([x, y, z], dim=2).reshape(n, 3 * num_shots)  # [B, 3K]: x y z x y z ...
+    t = 3 * num_shots - 1
+    pos = torch.arange(t)
+    scored = (pos % 3 == 1).expand(n, t)  # target tokens[t+1] is a z
+    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1))
+    return ICLBatch(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        mask=scored.clone(),
+        concept=concept,
+        shot=shot,
+        token_class=(pos % 3).expand(n, t).clone(),
+        split=split,
+    )
 
 
 def sample_sequences(
@@ -84,20 +104,7 @@ def sample_sequences(
     pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator)
     x, y = pairs[pick, 0], pairs[pick, 1]  # [B, K]
     z = (tasks[:, :1] * x + tasks[:, 1:] * y) % p
-    tokens = torch.stack([x, y, z], dim=2).reshape(n, 3 * num_shots)  # [B, 3K]: x y z x y z ...
-    t = 3 * num_shots - 1
-    pos = torch.arange(t)
-    scored = (pos % 3 == 1).expand(n, t)  # target tokens[t+1] is a z
-    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1))
-    return ICLBatch(
-        inputs=tokens[:, :-1],
-        targets=tokens[:, 1:],
-        mask=scored.clone(),
-        concept=tasks[:, 0] * p + tasks[:, 1],
-        shot=shot,
-        token_class=(pos % 3).expand(n, t).clone(),
-        split=split,
-    )
+    return triples_batch(x, y, z, tasks[:, 0] * p + tasks[:, 1], split)
 
 
 class ModularArithmeticDataModule(ICLDataModule):
