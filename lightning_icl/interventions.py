@@ -36,6 +36,14 @@ def head_means(adapter: Adapter, batch) -> Tensor:
     return torch.stack([cap.heads[layer].mean(dim=(0, 2)) for layer in range(adapter.n_layers)])
 
 
+def ablate_with(adapter: Adapter, batch, mode: str) -> str | Tensor | None:
+    """The ``ablate_with`` of an ablation ``mode``: ``None`` (zero), ``"resample"``, or the heads'
+    means on ``batch`` (mean)."""
+    if mode not in ABLATIONS:
+        raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
+    return head_means(adapter, batch) if mode == "mean" else {"zero": None, "resample": "resample"}[mode]
+
+
 @torch.no_grad()
 def ablation_effects(
     adapter: Adapter, batch, mode: str = "zero", heads_per_forward: int | None = None, gate: float = 0.0
@@ -55,7 +63,7 @@ def ablation_effects(
     per = len(heads) if heads_per_forward is None else heads_per_forward
     if per < 1:
         raise ValueError(f"heads_per_forward must be >= 1, got {per}")
-    mu = {"zero": None, "resample": "resample", "mean": head_means(adapter, batch) if mode == "mean" else None}[mode]
+    mu = ablate_with(adapter, batch, mode)
     losses, accs, clean = [], [], None
     for start in range(0, len(heads), per):
         chunk = torch.tensor(heads[start : start + per])  # [n, 2] (layer, head)

@@ -30,6 +30,8 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
+from lightning_icl.callbacks.base import draw_heatmap
+from lightning_icl.callbacks.circuits import draw_jaccard
 from lightning_icl.report import plot_icl_curves, plot_training_curves, read_curves, read_metrics_csv
 
 PHASE_METRIC = "val/ood_unseen/acc"
@@ -105,21 +107,6 @@ def _save(fig, out: str) -> str:
     return out
 
 
-def _heatmap(ax, values, title: str, label: str, fig, rows: str = "layer", cols: str = "head") -> None:
-    values = torch.as_tensor(values, dtype=torch.float32)
-    signed = bool((values < 0).any())
-    limit = float(values.abs().max()) or 1.0
-    image = ax.imshow(
-        values, cmap="RdBu_r" if signed else "viridis", vmin=-limit if signed else None, vmax=limit if signed else None
-    )
-    ax.set_xlabel(cols)
-    ax.set_ylabel(rows)
-    ax.set_xticks(range(values.shape[1]))
-    ax.set_yticks(range(values.shape[0]))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label=label)
-
-
 def plot_decodability(records: list[dict], out: str) -> str:
     """Concept decodability per layer over training (heatmap) and per layer at the end."""
     steps = [r["step"] for r in records]
@@ -172,7 +159,7 @@ def plot_head_importance(ablation: dict | None, attribution: dict | None, out: s
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (record, key, title) in zip(axes[0], panels, strict=True):
         title = title.format(mode=record.get("mode", "zero")) + f" (step {record['step']})"
-        _heatmap(ax, record[key], title, "loss change (nats)", fig)
+        draw_heatmap(ax, record[key], title, "loss change (nats)")
     return _save(fig, out)
 
 
@@ -192,7 +179,7 @@ def plot_attention(record: dict, out: str) -> str | None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, (name, values) in zip(axes.flat, panels, strict=False):
         units = "nats" if name in ("entropy", "lse") else "probability mass"
-        _heatmap(ax, values, name, units, fig)
+        draw_heatmap(ax, values, name, units)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"attention statistics at step {record['step']}", fontsize=10)
@@ -204,11 +191,7 @@ def plot_circuits(records: list[dict], out: str) -> str:
     last = records[-1]
     names = last["families"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    image = left.imshow(torch.tensor(last["jaccard"]), vmin=0, vmax=1, cmap="viridis")
-    left.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    left.set_yticks(range(len(names)), names)
-    left.set_title(f"Jaccard of top {last['top_fraction']:.0%} heads (step {last['step']})", fontsize=9)
-    fig.colorbar(image, ax=left, label="Jaccard index")
+    draw_jaccard(left, last)
     steps = [r["step"] for r in records]
     for i in range(len(names)):
         for j in range(i + 1, len(names)):

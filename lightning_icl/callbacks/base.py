@@ -210,6 +210,14 @@ def heatmap(values, title: str, colorbar: str, row_label: str = "layer", col_lab
 
     values = torch.as_tensor(values, dtype=torch.float32)
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * values.shape[1], 1.0 + 0.45 * values.shape[0]))
+    draw_heatmap(ax, values, title, colorbar, row_label, col_label)
+    fig.tight_layout()
+    return fig
+
+
+def draw_heatmap(ax, values, title: str, colorbar: str, row_label: str = "layer", col_label: str = "head") -> None:
+    """A ``[rows, cols]`` heatmap on ``ax``: diverging colours around 0 when any value is negative."""
+    values = torch.as_tensor(values, dtype=torch.float32)
     limit = float(values.abs().max()) or 1.0
     signed = bool((values < 0).any())
     image = ax.imshow(
@@ -220,6 +228,4 @@ def heatmap(values, title: str, colorbar: str, row_label: str = "layer", col_lab
     ax.set_xticks(range(values.shape[1]))
     ax.set_yticks(range(values.shape[0]))
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label=colorbar)
-    fig.tight_layout()
-    return fig
+    ax.figure.colorbar(image, ax=ax, label=colorbar)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_icl.interventions import ABLATIONS, ablation_effects, gate_gradients, head_means
+from lightning_icl.interventions import ABLATIONS, ablate_with, ablation_effects, gate_gradients
 
 from .base import ICLCallback
 
@@ -125,9 +125,7 @@ class CircuitOverlap(ICLCallback):
                 if self.score == "ablation":
                     effect = ablation_effects(adapter, batch, self.mode).loss_effect
                 else:
-                    mu = {"zero": None, "resample": "resample"}.get(self.mode)
-                    mu = head_means(adapter, batch) if self.mode == "mean" else mu
-                    effect = -gate_gradients(adapter, batch, mu).double()
+                    effect = -gate_gradients(adapter, batch, ablate_with(adapter, batch, self.mode)).double()
                 sums[:n] += effect.flatten().to(sums) * count
                 sums[n] += count
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
@@ -173,18 +171,13 @@ class CircuitOverlap(ICLCallback):
         import matplotlib.pyplot as plt
 
         names = record["families"]
-        effects = [torch.tensor(record["effects"][n]) for n in names]
-        n_l, n_h = effects[0].shape
+        n_l, n_h = torch.tensor(record["effects"][names[0]]).shape
         membership = torch.zeros(n_l, n_h)
         for heads in record["top_heads"].values():
             for layer, head in heads:
                 membership[layer, head] += 1
         fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 0.4 * len(names) + 0.5 * n_h, 3.6))
-        im = left.imshow(torch.tensor(record["jaccard"]), vmin=0, vmax=1, cmap="viridis")
-        left.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        left.set_yticks(range(len(names)), names)
-        left.set_title(f"Jaccard of top {record['top_fraction']:.0%} heads", fontsize=9)
-        fig.colorbar(im, ax=left, label="Jaccard index")
+        draw_jaccard(left, record)
         im = right.imshow(membership, vmin=0, vmax=len(names), cmap="magma")
         right.set_xlabel("head")
         right.set_ylabel("layer")
@@ -194,3 +187,13 @@ class CircuitOverlap(ICLCallback):
         fig.colorbar(im, ax=right, label="number of families")
         fig.tight_layout()
         return fig
+
+
+def draw_jaccard(ax, record: dict) -> None:
+    """The families' pairwise Jaccard matrix of a ``CircuitOverlap`` record on ``ax``."""
+    names = record["families"]
+    image = ax.imshow(torch.tensor(record["jaccard"]), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_title(f"Jaccard of top {record['top_fraction']:.0%} heads (step {record['step']})", fontsize=9)
+    ax.figure.colorbar(image, ax=ax, label="Jaccard index")
