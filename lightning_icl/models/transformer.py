@@ -102,25 +102,24 @@ def gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None, group:
     for a batch made of copies of one batch of ``group`` rows, resample within each copy.
     """
     g = gate.to(z.dtype).reshape(-1 if gate.dim() == 2 else 1, z.shape[1], 1, 1)
-    if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
+    if _is_zero(ablate_with):
         return g * z
+    return g * z + (1 - g) * _ablation_value(z, ablate_with, group)
+
+
+def _is_zero(ablate_with: str | Tensor | None) -> bool:
+    return ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero")
+
+
+def _ablation_value(z: Tensor, ablate_with: str | Tensor | None, group: int | None = None) -> Tensor:
+    """The ``mu`` of :func:`gate_heads` for z ``[B, H, T, Dh]``, broadcastable to z."""
+    if _is_zero(ablate_with):
+        return torch.zeros_like(z)
     if isinstance(ablate_with, str):  # "resample": each example takes its neighbour's head outputs
         rows = z.shape[0] if group is None else group
-        mu = torch.roll(z.unflatten(0, (-1, rows)), shifts=1, dims=1).flatten(0, 1)
-    else:  # a mean per head, [H, Dh] or per position [H, T, Dh]
-        mu = ablate_with.to(z.dtype)
-        mu = mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]
-    return g * z + (1 - g) * mu
-
-
-def _ablation_value(z: Tensor, ablate_with: str | Tensor | None) -> Tensor:
-    """The ``mu`` of :func:`gate_heads` for z ``[B, H, T, Dh]``, broadcastable to z."""
-    if ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero"):
-        return torch.zeros_like(z)
-    if isinstance(ablate_with, str):
-        return torch.roll(z, shifts=1, dims=0)
-    mu = ablate_with.to(z.dtype)
-    return (mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]).expand_as(z)
+        return torch.roll(z.unflatten(0, (-1, rows)), shifts=1, dims=1).flatten(0, 1)
+    mu = ablate_with.to(z.dtype)  # a mean per head, [H, Dh] or per position [H, T, Dh]
+    return mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]
 
 
 class Block(nn.Module):
@@ -392,8 +391,7 @@ class ICLTransformer(nn.Module):
             delta = None
             if joining:  # they branch off the clean rows: z - (g - 1)(z - mu) per gated head, linearly
                 zc = z[:b]
-                zero = mu is None or (isinstance(mu, str) and mu == "zero")
-                diff = zc if zero else zc - _ablation_value(zc, mu)  # [B, H, T, Dh]
+                diff = zc if _is_zero(mu) else zc - _ablation_value(zc, mu)  # [B, H, T, Dh]
             last = i == self.n_layers - 1
             if last and positions is not None:  # nothing after the last attention mixes positions
                 rows = positions.repeat(1 + len(members), 1)  # [R, P]
