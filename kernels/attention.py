@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .reference import attention_reference
+from .reference import attention_reference, select_rows
 
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
 """Head dimensions the fused kernel is built for; the reference accepts any."""
@@ -35,7 +35,9 @@ def _check_inputs(
     key_class: Tensor | None,
     num_classes: int,
     query_label: Tensor | None,
+    positions: Tensor | None,
     backend: str,
+    validate: bool,
 ) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -63,10 +65,10 @@ def _check_inputs(
             raise ValueError(f"key_class is on {key_class.device}, k on {k.device}")
         if key_class.shape != (b, t_k):
             raise ValueError(f"key_class must be [B, Tk] = {(b, t_k)}, got {tuple(key_class.shape)}")
-        if _can_inspect(key_class) and (int(key_class.min()) < 0 or int(key_class.max()) >= num_classes):
-            raise ValueError(
-                f"key_class values must lie in [0, {num_classes}), got [{int(key_class.min())}, {int(key_class.max())}]"
-            )
+        if validate and _can_inspect(key_class):
+            low, high = _value_range(key_class)
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"key_class values must lie in [0, {num_classes}), got [{low}, {high}]")
     if "same_label_mass" in stats:
         if q.shape[2] != t_k:
             raise ValueError("stats 'same_label_mass' needs self-attention (Tq == Tk)")
@@ -75,6 +77,24 @@ def _check_inputs(
             raise ValueError(f"stats 'same_label_mass' needs query_label [B, T] = {(b, t_k)}, got {got}")
         if query_label.device != q.device:
             raise ValueError(f"query_label is on {query_label.device}, q on {q.device}")
+    if positions is not None:
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise ValueError(f"positions must be an integer index tensor, got {positions.dtype}")
+        if positions.dim() not in (1, 2) or (positions.dim() == 2 and positions.shape[0] != b):
+            raise ValueError(f"positions must be [P] or [B, P] with B = {b}, got shape {tuple(positions.shape)}")
+        if positions.device != q.device:
+            raise ValueError(f"positions is on {positions.device}, q on {q.device}")
+        if validate and _can_inspect(positions):
+            low, high = _value_range(positions)
+            if low < 0 or high >= q.shape[2]:
+                raise ValueError(f"positions must lie in [0, {q.shape[2]}) (the query length), got [{low}, {high}]")
+
+
+def _value_range(x: Tensor) -> tuple[int, int]:
+    """``(min, max)`` of an integer tensor with one host synchronisation."""
+    low, high = torch.aminmax(x)
+    low, high = torch.stack([low, high]).tolist()
+    return int(low), int(high)
 
 
 def capture_attention(
@@ -88,8 +108,10 @@ def capture_attention(
     key_class: Tensor | None = None,
     num_classes: int = 0,
     query_label: Tensor | None = None,
+    positions: Tensor | None = None,
     backend: str = "auto",
     fp32_precision: str = "tf32",
+    validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scaled dot-product attention that also returns per-head statistics.
 
@@ -101,22 +123,39 @@ def capture_attention(
             ``class_mass`` (``[B, H, T, num_classes]``: attention mass on keys of
             each class given by ``key_class`` ``[B, T]``) and ``same_label_mass``
             (``[B, H, T]``: mass on keys whose ``query_label`` equals the query's).
+        positions: the query rows whose statistics are wanted, an integer tensor ``[P]``
+            (the same rows in every sequence) or ``[B, P]``; the statistics then come back
+            ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``), row ``p`` holding query
+            ``positions[..., p]``, exactly the all-rows statistics gathered there. ``None``
+            (default): every row. The CPU path forms scores for these rows only; the kernel does
+            the statistics' extra work only in query tiles that hold one of them. The output
+            ``out`` always covers every row.
         backend: ``"auto"`` (the fused Triton kernel on CUDA tensors when Triton is
             installed and the head dim is supported, else the reference),
             ``"torch"`` (the reference) or ``"triton"`` (the kernel; on CPU tensors it
             needs ``TRITON_INTERPRET=1`` set before the first launch).
         fp32_precision: ``"tf32"`` (default) or ``"ieee"`` for the kernel's fp32 dots on GPU.
+        validate: check the *values* of ``key_class`` and ``positions`` (their range), which
+            reads them back from the device: one host synchronisation each on a GPU. A caller
+            that checked them once per batch (``ICLTransformer`` does) passes ``False`` so the
+            attention of every layer does not wait for the host. Shapes are always checked.
 
     Returns:
         ``(out, stats)``: ``out`` like ``q``, differentiable; ``stats`` fp32, detached.
     """
     stats = tuple(stats)
-    _check_inputs(q, k, v, causal, stats, key_class, num_classes, query_label, backend)
+    _check_inputs(q, k, v, causal, stats, key_class, num_classes, query_label, positions, backend, validate)
     if fp32_precision not in ("tf32", "ieee"):
         raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if positions is not None and positions.dim() == 1:
+        positions = positions.expand(q.shape[0], -1)
+    if positions is not None:
+        positions = positions.long()
     if _use_triton(q, k, backend, num_classes if "class_mass" in stats else 0):
-        return _triton_attention(q, k, v, causal, scale, stats, key_class, num_classes, query_label, fp32_precision)
+        return _triton_attention(
+            q, k, v, causal, scale, stats, key_class, num_classes, query_label, positions, fp32_precision
+        )
     return attention_reference(
         q,
         k,
@@ -127,6 +166,7 @@ def capture_attention(
         key_class=key_class,
         num_classes=num_classes,
         query_label=query_label,
+        positions=positions,
     )
 
 
@@ -181,14 +221,20 @@ def _triton_attention(
     key_class: Tensor | None,
     num_classes: int,
     query_label: Tensor | None,
+    positions: Tensor | None,
     fp32_precision: str,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     from . import ops
 
+    rows = None
+    if positions is not None and stats:  # which query rows the statistics are wanted for, as a [B, T] flag
+        rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.int8, device=q.device)
+        rows.scatter_(1, positions, 1)
     out, lse2, ent, maxp, cls, same = ops.capture_attention_fwd(
         q, k, v,
         key_class if "class_mass" in stats else None,
         query_label if "same_label_mass" in stats else None,
+        rows,
         causal, scale, num_classes if "class_mass" in stats else 0,
         "entropy" in stats, "max_prob" in stats, "class_mass" in stats, "same_label_mass" in stats,
         fp32_precision == "ieee",
@@ -196,7 +242,10 @@ def _triton_attention(
     found = {"entropy": ent, "max_prob": maxp, "class_mass": cls, "same_label_mass": same}
     if "lse" in stats:
         found["lse"] = lse2 * math.log(2.0)  # the kernel keeps base 2 for its backward
-    return out, {name: found[name].detach() for name in stats}
+    picked = {name: found[name].detach() for name in stats}
+    if positions is not None:  # rows outside the requested tiles were never computed: gather the asked ones
+        picked = {name: select_rows(x, positions, dim=2) for name, x in picked.items()}
+    return out, picked
 
 
 def check_head_dim(head_dim: int, argument: str = "head_dim") -> None:

@@ -3,9 +3,11 @@
 Registered ops (opaque to ``torch.compile``, so a model using them compiles without
 graph breaks):
 
-- ``lightning_icl::capture_attention_fwd(q, k, v, key_class, label, causal, sm_scale,
+- ``lightning_icl::capture_attention_fwd(q, k, v, key_class, label, rows, causal, sm_scale,
   num_classes, entropy, max_prob, class_mass, same_label, ieee)``
-  -> ``(out, lse2, entropy, max_prob, class_mass, same_label_mass)``
+  -> ``(out, lse2, entropy, max_prob, class_mass, same_label_mass)``; ``rows`` (``[B, T]`` int8
+  or None) flags the query rows whose statistics are wanted: the statistics are computed in
+  the query tiles holding a flagged row and are undefined elsewhere.
 - ``lightning_icl::capture_attention_bwd(grad_out, q, k, v, out, lse2, causal, sm_scale, ieee)``
   -> ``(dq, dk, dv)``
 
@@ -31,6 +33,7 @@ def capture_attention_fwd(
     v: Tensor,
     key_class: Tensor | None,
     label: Tensor | None,
+    rows: Tensor | None,
     causal: bool,
     sm_scale: float,
     num_classes: int,
@@ -41,12 +44,12 @@ def capture_attention_fwd(
     ieee: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _kernels().forward(
-        q, k, v, key_class, label, causal, sm_scale, num_classes, entropy, max_prob, class_mass, same_label, ieee
+        q, k, v, key_class, label, rows, causal, sm_scale, num_classes, entropy, max_prob, class_mass, same_label, ieee
     )
 
 
 @capture_attention_fwd.register_fake
-def _(q, k, v, key_class, label, causal, sm_scale, num_classes, entropy, max_prob, class_mass, same_label, ieee):
+def _(q, k, v, key_class, label, rows, causal, sm_scale, num_classes, entropy, max_prob, class_mass, same_label, ieee):
     b, h, t, d = q.shape
     stat = q.new_empty((b, h, t), dtype=torch.float32)
     none = q.new_empty((0,), dtype=torch.float32)
@@ -81,7 +84,7 @@ def _(grad_out, q, k, v, out, lse2, causal, sm_scale, ieee):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, _, _, causal, sm_scale, _, _, _, _, _, ieee = inputs
+    q, k, v, _, _, _, causal, sm_scale, _, _, _, _, _, ieee = inputs
     out, lse2 = output[0], output[1]
     ctx.save_for_backward(q, k, v, out, lse2)
     ctx.causal, ctx.sm_scale, ctx.ieee = causal, sm_scale, ieee
@@ -90,7 +93,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, *unused_stat_grads):
     q, k, v, out, lse2 = ctx.saved_tensors
     dq, dk, dv = capture_attention_bwd(grad_out, q, k, v, out, lse2, ctx.causal, ctx.sm_scale, ctx.ieee)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * 11)
 
 
 torch.library.register_autograd("lightning_icl::capture_attention_fwd", _backward, setup_context=_setup_context)

@@ -1,9 +1,13 @@
-"""Pure-torch attention with per-head statistics, chunked over queries.
+"""Pure-torch attention with per-head statistics: the CPU path of ``capture_attention``.
 
-This is the CPU path of ``capture_attention``. The output comes from PyTorch's
-SDPA (computed in fp32 for half inputs); the statistics from a separate pass over
-query chunks, so their memory is O(T * chunk) per (batch, head): the full
-``[T, T]`` pattern is never held at once.
+The output (and its backward) is PyTorch's SDPA. The statistics cost one extra no-grad
+pass over the *requested* query rows only: their fp32 scores ``[B, H, P, Tk]`` are formed
+once, shifted in place by the row's log-sum-exp, exponentiated once, and every statistic
+is a reduction of that one block (a row max, a dot with the scores, a small matmul with the
+one-hot key classes, a dot with the same-label mask). The log-sum-exp is SDPA's own where
+torch returns it (its fused CPU kernel does), so the normaliser costs nothing. Rows are
+processed in chunks only when ``P * Tk`` is large, so memory stays bounded for long
+sequences; the full ``[T, T]`` pattern is never held.
 """
 
 from __future__ import annotations
@@ -15,12 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
-def _causal_mask(q_start: int, q_len: int, t_k: int, device: torch.device) -> Tensor:
-    """``[q_len, t_k]`` bool, True where key j may be seen by query i (j <= i)."""
-    rows = torch.arange(q_start, q_start + q_len, device=device)[:, None]
-    cols = torch.arange(t_k, device=device)[None, :]
-    return cols <= rows
+CHUNK_ELEMENTS = 1 << 22
+"""Most score elements (``B * H * rows * Tk``) the statistics pass holds at once: 16 MiB in fp32."""
+
+
+def select_rows(x: Tensor, positions: Tensor, dim: int) -> Tensor:
+    """``x`` ``[B, ..., T, ...]`` at sequence indices ``positions`` ``[B, P]`` along ``dim``.
+
+    When every sequence asks for the same indices (``positions`` expanded from ``[P]``, or one
+    sequence) this is one ``index_select``, a contiguous copy; otherwise a ``gather``.
+    """
+    if positions.shape[0] == 1 or positions.stride(0) == 0:  # (a [1, P] index applies to every sequence)
+        return x.index_select(dim, positions[0])
+    shape = [positions.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = positions.shape[1]
+    sizes = [s if i != dim else positions.shape[1] for i, s in enumerate(x.shape)]
+    return torch.gather(x, dim, positions.view(shape).expand(*sizes))
 
 
 def attention_reference(
@@ -34,17 +51,20 @@ def attention_reference(
     key_class: Tensor | None = None,
     num_classes: int = 0,
     query_label: Tensor | None = None,
-    chunk_size: int = 256,
+    positions: Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Attention ``softmax(q k^T * sm_scale) v`` and the requested statistics.
 
     Shapes: q ``[B, H, Tq, Dh]``, k/v ``[B, H, Tk, Dh]``; ``key_class`` ``[B, Tk]``
     ints in ``[0, num_classes)``; ``query_label`` ``[B, T]`` labels of the positions
-    (self-attention, so queries and keys share them). Inputs are assumed valid:
-    :func:`capture_attention` checks them.
+    (self-attention, so queries and keys share them); ``positions`` ``[B, P]`` the query
+    rows whose statistics are wanted (or ``[P]``, the same rows everywhere; ``None``: every
+    row). Inputs are assumed valid: :func:`capture_attention` checks them.
 
     ``out`` has q's dtype and is differentiable; the statistics' scores are computed
-    in fp32 (fp64 for fp64 inputs) and returned as fp32, detached.
+    in fp32 (fp64 for fp64 inputs) and returned as fp32 ``[B, H, P]`` (``class_mass``
+    ``[B, H, P, C]``), detached.
     """
     t_q, d = q.shape[2], q.shape[3]
     t_k = k.shape[2]
@@ -56,50 +76,113 @@ def attention_reference(
 
     # Under autocast the matmuls below would drop back to half precision; keep them in acc_dtype.
     with torch.autocast(q.device.type, enabled=False):
-        # The output (and its backward) is SDPA's, fused and O(T) in memory; the statistics
-        # come from a separate no-grad pass over query chunks in acc_dtype.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
         if not wanted:
-            return out, {}
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), {}
+        out, lse = _sdpa_with_lse(q, k, v, causal, scale)
         with torch.no_grad():
-            qa, ka = q.detach().to(acc_dtype), k.detach().to(acc_dtype)
-            stats = _chunked_stats(qa, ka, causal, scale, wanted, key_class, num_classes, query_label, chunk_size)
-    return out, stats
+            found = _row_stats(
+                q.detach(), k.detach(), lse, causal, scale, wanted, key_class, num_classes, query_label, positions,
+                acc_dtype, chunk_elements,
+            )  # fmt: skip
+    return out, found
 
 
-def _chunked_stats(
+def _sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor | None]:
+    """SDPA's output and, where torch hands it out (its fused CPU kernel), its log-sum-exp ``[B, H, Tq]``.
+
+    The fused CPU op is what ``F.scaled_dot_product_attention`` itself runs on CPU for these
+    inputs, with the same autograd; anywhere else (or on a torch without it) the plain call runs
+    and ``None`` comes back, so the statistics pass computes its own normaliser.
+    """
+    if q.device.type == "cpu":
+        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if op is not None:
+            try:
+                out, lse = op(q, k, v, 0.0, causal, scale=scale)[:2]
+                return out, lse.detach()
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), None
+
+
+def _row_stats(
     q: Tensor,
     k: Tensor,
+    lse_all: Tensor | None,
     causal: bool,
     scale: float,
     wanted: set[str],
     key_class: Tensor | None,
     num_classes: int,
     query_label: Tensor | None,
-    chunk_size: int,
+    positions: Tensor | None,
+    acc_dtype: torch.dtype,
+    chunk_elements: int,
 ) -> dict[str, Tensor]:
-    t_q, t_k = q.shape[2], k.shape[2]
+    """Every statistic of the requested rows from one score block per chunk of rows.
+
+    Scores are kept in base 2 (``log2(e)`` is folded into the query rows with the scale):
+    ``exp2`` is several times faster than ``exp`` on CPU, more so on the masked ``-inf``s.
+    """
+    b, h, t_q, d = q.shape
+    t_k = k.shape[2]
+    if positions is None:
+        rows = torch.arange(t_q, device=q.device).expand(b, t_q)
+        q_rows = q
+    else:
+        rows = positions.long().expand(b, -1) if positions.dim() == 1 else positions.long()
+        q_rows = select_rows(q, rows, dim=2)
+    shared = rows.shape[0] == 1 or rows.stride(0) == 0  # the same rows in every sequence
+    p_total = rows.shape[1]
+    # scale and log2(e) are folded into the (few) query rows, not into the (many) scores
+    q_rows = (q_rows.to(acc_dtype) * (scale * LOG2E)).expand(b, h, p_total, d)
+    k_t = k.to(acc_dtype).transpose(-1, -2)  # [B, H, Dh, Tk]
     one_hot = None
     if "class_mass" in wanted:
-        one_hot = F.one_hot(key_class.long(), num_classes).to(q.dtype)  # [B, Tk, C]
+        one_hot = F.one_hot(key_class.long(), num_classes).to(acc_dtype)[:, None]  # [B, 1, Tk, C]
+    lse2_all = None if lse_all is None else lse_all.to(acc_dtype) * LOG2E
+    keys = torch.arange(t_k, device=q.device)
     parts: dict[str, list[Tensor]] = {name: [] for name in wanted}
-    for start in range(0, t_q, chunk_size):
-        stop = min(start + chunk_size, t_q)
-        s = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * scale  # [B, H, c, Tk]
-        if causal:
-            s = s.masked_fill(~_causal_mask(start, stop - start, t_k, q.device), float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # [B, H, c]
-        p = torch.exp(s - lse[..., None])
+    step = max(1, chunk_elements // max(1, b * h * t_k))
+    for start in range(0, p_total, step):
+        r = rows[:, start : start + step]  # [B, c]
+        c = r.shape[1]
+        qc = q_rows[:, :, start : start + step]
+        if causal and shared:  # the mask as a -inf bias, added by the score matmul itself
+            bias = torch.zeros(c, t_k, dtype=acc_dtype, device=q.device)
+            bias.masked_fill_(keys[None, :] > r[0][:, None], float("-inf"))
+            s = torch.baddbmm(bias, qc.reshape(b * h, c, d), k_t.reshape(b * h, d, t_k)).view(b, h, c, t_k)
+        else:
+            s = torch.matmul(qc, k_t)  # [B, H, c, Tk]: the one score block
+            if causal:  # -inf (not a large finite score, whose exp2 is several times slower)
+                s.masked_fill_((keys[None, None, :] > r[:, :, None])[:, None], float("-inf"))
+        if lse2_all is not None:  # SDPA's normaliser, gathered at these rows
+            lse2 = select_rows(lse2_all, r, dim=2)
+            if "max_prob" in wanted:
+                parts["max_prob"].append(torch.exp2(s.amax(dim=-1) - lse2))
+            s.sub_(lse2[..., None])  # s is now log2 p
+            p = torch.exp2(s)
+        else:
+            m = s.amax(dim=-1)
+            s.sub_(m[..., None])  # s - max: the row max has weight exp2(0) = 1 before normalising
+            p = torch.exp2(s)
+            norm = p.sum(dim=-1)
+            lse2 = m + torch.log2(norm)
+            if "max_prob" in wanted:
+                parts["max_prob"].append(1.0 / norm)
+            p.div_(norm[..., None])
+            s.sub_(torch.log2(norm)[..., None])  # log2 p
         if "lse" in wanted:
-            parts["lse"].append(lse)
-        if "max_prob" in wanted:
-            parts["max_prob"].append(p.amax(dim=-1))
-        if "entropy" in wanted:
-            # masked scores are -inf with p = 0; zero them so 0 * -inf is not NaN
-            parts["entropy"].append(lse - (p * torch.where(p > 0, s, torch.zeros_like(s))).sum(-1))
+            parts["lse"].append(lse2 * LN2)
+        if "entropy" in wanted:  # -sum p ln p; masked keys have p = 0 and log2 p = -inf: count them as 0
+            log2p = s.nan_to_num_(neginf=0.0) if causal else s
+            parts["entropy"].append(torch.linalg.vecdot(p, log2p) * -LN2)
         if "class_mass" in wanted:
-            parts["class_mass"].append(torch.einsum("bhqk,bkc->bhqc", p, one_hot))
+            parts["class_mass"].append(torch.matmul(p, one_hot))
         if "same_label_mass" in wanted:
-            same = query_label[:, start:stop, None] == query_label[:, None, :]  # [B, c, Tk]
-            parts["same_label_mass"].append((p * same[:, None].to(p.dtype)).sum(-1))
-    return {name: torch.cat(chunks, dim=2).float() for name, chunks in parts.items()}
+            q_lab = select_rows(query_label, r, dim=1)  # [B, c]
+            same = (q_lab[:, :, None] == query_label[:, None, :]).to(acc_dtype)[:, None]  # [B, 1, c, Tk]
+            parts["same_label_mass"].append(torch.linalg.vecdot(p, same))
+    return {
+        name: (chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)).float() for name, chunks in parts.items()
+    }

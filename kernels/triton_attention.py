@@ -101,60 +101,33 @@ _FWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", 
 _BWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL,
-    scale_log2,
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sob, soh, sot, sod,
-    scb, sct,
-    slb, slt,
-    H, T, T_KEY,
+def _fwd_tile_loop(
+    q, q_label, k_base, v_base, kc_base, lab_base,
+    skt, skd, svt, svd, sct, slt,
+    offs_m, T, full_hi, hi, scale_log2,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WANT_ENT: tl.constexpr,
-    WANT_MAXP: tl.constexpr,
     WANT_CLS: tl.constexpr,
+    CLS_DOT: tl.constexpr,
     NUM_CLASSES: tl.constexpr,
     CLS_PAD: tl.constexpr,
     WANT_SAME: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*Dh may pass 2^31
-    pid_m = tl.program_id(1)
-    if CAUSAL:  # the longest rows first, for load balance
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The online-softmax loop of one query tile over its key tiles, with the asked-for accumulators."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < T
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-
+    cls_cols = tl.arange(0, CLS_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     cls_acc = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
     same_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if WANT_SAME:
-        q_label = tl.load(LABEL + b * slb + offs_m * slt, mask=row_ok, other=-1)
-
-    if CAUSAL:  # key blocks ending before this query block's first row need no mask
-        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    else:
-        full_hi = T // BLOCK_N * BLOCK_N
-        hi = T
     for phase in tl.static_range(2):
         lo_p = 0 if phase == 0 else full_hi
         hi_p = full_hi if phase == 0 else hi
@@ -183,31 +156,140 @@ def _fwd_kernel(
             if WANT_ENT:
                 t_i = t_i * alpha + tl.sum(p * s, 1)
             if WANT_CLS:
-                kc = tl.load(KEY_CLASS + b * scb + cols * sct, mask=cols < T, other=-1)
-                onehot = (kc[:, None] == tl.arange(0, CLS_PAD)[None, :]).to(v.dtype)  # [BN, C]
-                # same precision as the p @ v dot: tensor cores for half inputs, tf32/ieee for fp32
-                cls_acc = tl.dot(p_in, onehot, cls_acc * alpha[:, None], input_precision=DOT_PRECISION)
+                kc = tl.load(kc_base + cols * sct, mask=cols < T, other=-1)
+                if CLS_DOT:  # many classes: one small dot with the one-hot key classes
+                    onehot = (kc[:, None] == cls_cols[None, :]).to(v.dtype)  # [BN, C]
+                    cls_acc = tl.dot(p_in, onehot, cls_acc * alpha[:, None], input_precision=DOT_PRECISION)
+                else:  # few classes: a masked row sum per class but the last (the rest of l)
+                    upd = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
+                    for c in tl.static_range(NUM_CLASSES - 1):
+                        mass = tl.sum(tl.where((kc == c)[None, :], p, 0.0), 1)
+                        upd = tl.where(cls_cols[None, :] == c, mass[:, None], upd)
+                    cls_acc = cls_acc * alpha[:, None] + upd
             if WANT_SAME:
-                k_label = tl.load(LABEL + b * slb + cols * slt, mask=cols < T, other=-2)
+                k_label = tl.load(lab_base + cols * slt, mask=cols < T, other=-2)
                 same_acc = same_acc * alpha + tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
             m_i = m_new
+    return m_i, l_i, acc, t_i, cls_acc, same_acc
+
+
+@triton.jit
+def _store_stats(
+    LSE2, ENT, MAXP, CLS, SAME, stat_off, row_ok, m_i, l_i, t_i, cls_acc, same_acc,
+    WANT_ENT: tl.constexpr,
+    WANT_MAXP: tl.constexpr,
+    WANT_CLS: tl.constexpr,
+    CLS_DOT: tl.constexpr,
+    NUM_CLASSES: tl.constexpr,
+    CLS_PAD: tl.constexpr,
+    WANT_SAME: tl.constexpr,
+):  # fmt: skip
+    """Write the base-2 log-sum-exp and the statistics of one query tile from its accumulators."""
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE2 + stat_off, lse2, mask=row_ok)
+    inv_l = 1.0 / l_i
+    if WANT_ENT:  # H = ln 2 * (lse2 - E_p[s2]) with base-2 scores s2
+        tl.store(ENT + stat_off, 0.6931471805599453 * (lse2 - t_i * inv_l), mask=row_ok)
+    if WANT_MAXP:  # the row max has weight exp2(0) = 1
+        tl.store(MAXP + stat_off, inv_l, mask=row_ok)
+    if WANT_CLS:
+        c = tl.arange(0, CLS_PAD)
+        mass = cls_acc * inv_l[:, None]
+        if not CLS_DOT:  # the last class holds what the others leave of the row
+            rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
+            mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
+        cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
+        tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
+    if WANT_SAME:
+        tl.store(SAME + stat_off, same_acc * inv_l, mask=row_ok)
+
+
+@triton.autotune(configs=_configs(FWD_CONFIGS), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+    scale_log2,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    scb, sct,
+    slb, slt,
+    srb, srt,
+    H, T, T_KEY,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WANT_ENT: tl.constexpr,
+    WANT_MAXP: tl.constexpr,
+    WANT_CLS: tl.constexpr,
+    CLS_DOT: tl.constexpr,
+    NUM_CLASSES: tl.constexpr,
+    CLS_PAD: tl.constexpr,
+    WANT_SAME: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*Dh may pass 2^31
+    pid_m = tl.program_id(1)
+    if CAUSAL:  # the longest rows first, for load balance
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    kc_base = KEY_CLASS + b * scb
+    lab_base = LABEL + b * slb
+    q_label = offs_m  # a placeholder unless same-label mass is asked for
+    if WANT_SAME:
+        q_label = tl.load(lab_base + offs_m * slt, mask=row_ok, other=-1)
+
+    if CAUSAL:  # key blocks ending before this query block's first row need no mask
+        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        hi = T
+    # fmt: off
+    if WANT_ENT or WANT_CLS or WANT_SAME:
+        tile_wanted = True
+        if HAS_ROWS:  # the extra accumulators only in query tiles that hold a requested row
+            flags = tl.load(ROWS + b * srb + offs_m * srt, mask=row_ok, other=0)
+            tile_wanted = tl.max(flags.to(tl.int32), 0) > 0
+        if tile_wanted:
+            m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
+                q, q_label, k_base, v_base, kc_base, lab_base, skt, skd, svt, svd, sct, slt, offs_m, T, full_hi, hi,
+                scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_CLS, CLS_DOT, NUM_CLASSES, CLS_PAD,
+                WANT_SAME, BLOCK_M, BLOCK_N,
+            )
+        else:  # the plain loop
+            m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
+                q, q_label, k_base, v_base, kc_base, lab_base, skt, skd, svt, svd, sct, slt, offs_m, T, full_hi, hi,
+                scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES, CLS_PAD,
+                False, BLOCK_M, BLOCK_N,
+            )
+    else:
+        m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
+            q, q_label, k_base, v_base, kc_base, lab_base, skt, skd, svt, svd, sct, slt, offs_m, T, full_hi, hi,
+            scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES, CLS_PAD,
+            False, BLOCK_M, BLOCK_N,
+        )
+    # fmt: on
 
     out = acc / l_i[:, None]
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     stat_off = bh * T + offs_m  # statistics are contiguous [B, H, T]
-    lse2 = m_i + tl.log2(l_i)
-    tl.store(LSE2 + stat_off, lse2, mask=row_ok)
-    if WANT_ENT:
-        tl.store(ENT + stat_off, 0.6931471805599453 * (lse2 - t_i / l_i), mask=row_ok)
-    if WANT_MAXP:
-        tl.store(MAXP + stat_off, 1.0 / l_i, mask=row_ok)
-    if WANT_CLS:
-        c = tl.arange(0, CLS_PAD)
-        cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
-        tl.store(cls_ptrs, cls_acc / l_i[:, None], mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
-    if WANT_SAME:
-        tl.store(SAME + stat_off, same_acc / l_i, mask=row_ok)
+    _store_stats(
+        LSE2, ENT, MAXP, CLS, SAME, stat_off, row_ok, m_i, l_i, t_i, cls_acc, same_acc,
+        WANT_ENT, WANT_MAXP, WANT_CLS, CLS_DOT, NUM_CLASSES, CLS_PAD, WANT_SAME,
+    )  # fmt: skip
 
 
 @triton.autotune(configs=_configs(DKDV_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -355,6 +437,262 @@ def _bwd_dq_kernel(
     tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+# ---- short sequences: the whole key range of a (batch, head) in registers ----------------------
+#
+# For T <= SHORT_MAX_T a query tile sees every key it needs in one tile, so its softmax is exact:
+# one max, one exp2, one sum, no rescaling. One program runs GROUP (batch, head) problems one
+# after another, so B*H = 4096 tiny problems are not 4096 programs' worth of scheduling tail.
+# A query tile j of a causal problem loads only the keys up to its last row (rounded up to a
+# power of two). The fused backward holds one problem's dk and dv for all keys and walks its
+# query tiles, so dq, dk and dv come from one kernel without atomics.
+
+CLASS_SUM_MAX = 4
+"""Up to this many key classes, class mass is C - 1 masked row sums per tile (the last class is
+the rest of the row); with more, one small dot with the one-hot classes."""
+
+SHORT_MAX_T = 256
+"""Longest sequence the short-sequence kernels take (its padded key range is one tile)."""
+
+SHORT_BWD_MAX_AREA = 128 * 64
+"""Largest ``T_PAD * HEAD_DIM`` the fused short backward takes; its dk, dv accumulators grow with it."""
+
+
+def _short_config_grid(blocks, groups=(1, 4), warps=(4, 8), stages=(1, 2)) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=s)
+        for bm in blocks
+        for g in groups
+        for w in warps
+        for s in stages
+    ]
+
+
+SHORT_FWD_CONFIGS = _short_config_grid((128, 64, 32, 16))
+SHORT_BWD_CONFIGS = _short_config_grid((64, 32, 16), groups=(1, 2))
+INTERPRETER_SHORT_CONFIGS = [triton.Config({"BLOCK_M": 16, "GROUP": 2}, num_warps=4, num_stages=1)]
+
+
+def _short_configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
+    return INTERPRETER_SHORT_CONFIGS if INTERPRETED else gpu_configs
+
+
+def _prune_short(configs, named_args, **kwargs):
+    """Query tiles of a half or a quarter of the padded keys (or all of them), score tiles that fit
+    the warps, and the warps that fit the tile."""
+    t_pad = kwargs["T_PAD"]
+    kept = []
+    for c in configs:
+        bm, warps = c.kwargs["BLOCK_M"], c.num_warps
+        if bm > t_pad or t_pad // bm > 4:
+            continue
+        area = bm * t_pad
+        if area > 64 * 256:
+            continue
+        if (area >= 64 * 128) != (warps == 8):  # big score tiles on 8 warps, small ones on 4
+            continue
+        kept.append(c)
+    kept = kept or [c for c in configs if c.kwargs["BLOCK_M"] <= t_pad][-1:] or configs[-1:]
+    return kept if autotuning() else kept[:1]
+
+
+_SHORT_FWD_KEY = ["T_PAD", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION"]
+_SHORT_BWD_KEY = ["T_PAD", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
+
+
+@triton.jit
+def _short_fwd_tile(
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+    scale_log2,
+    sqt, sqd, skt, skd, svt, svd, sot, sod, sct, slt, srt,
+    q_base, k_base, v_base, o_base, kc_base, lab_base, rows_base, stat_base,
+    m0, T,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WANT_ENT: tl.constexpr,
+    WANT_MAXP: tl.constexpr,
+    WANT_CLS: tl.constexpr,
+    CLS_DOT: tl.constexpr,
+    NUM_CLASSES: tl.constexpr,
+    CLS_PAD: tl.constexpr,
+    WANT_SAME: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    KEYS: tl.constexpr,
+):  # fmt: skip
+    """One query tile ``[m0, m0 + BLOCK_M)`` against its ``KEYS`` keys, with an exact softmax."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, KEYS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    col_ok = cols < T
+    q = tl.load(Q + q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    k_t = tl.load(K + k_base + cols[None, :] * skt + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
+    v = tl.load(V + v_base + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, KEYS]
+    valid = col_ok[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= offs_m[:, None])
+    s = tl.where(valid, s, -1.0e30)
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    l_i = tl.sum(p, 1)
+    inv_l = 1.0 / l_i
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    out = acc * inv_l[:, None]
+    tl.store(OUT + o_base + offs_m[:, None] * sot + offs_d[None, :] * sod, out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
+    stat_off = stat_base + offs_m
+    lse2 = m + tl.log2(l_i)
+    tl.store(LSE2 + stat_off, lse2, mask=row_ok)
+    if WANT_MAXP:
+        tl.store(MAXP + stat_off, inv_l, mask=row_ok)
+    if WANT_ENT or WANT_CLS or WANT_SAME:
+        tile_wanted = True
+        if HAS_ROWS:  # the statistics' extra work only in query tiles that hold a requested row
+            flags = tl.load(ROWS + rows_base + offs_m * srt, mask=row_ok, other=0)
+            tile_wanted = tl.max(flags.to(tl.int32), 0) > 0
+        if tile_wanted:
+            if WANT_ENT:
+                t_i = tl.sum(p * s, 1)
+                tl.store(ENT + stat_off, 0.6931471805599453 * (lse2 - t_i * inv_l), mask=row_ok)
+            if WANT_CLS:
+                kc = tl.load(KEY_CLASS + kc_base + cols * sct, mask=col_ok, other=-1)
+                c = tl.arange(0, CLS_PAD)
+                if CLS_DOT:
+                    onehot = (kc[:, None] == c[None, :]).to(v.dtype)
+                    mass = tl.dot(p.to(v.dtype), onehot, input_precision=DOT_PRECISION) * inv_l[:, None]
+                else:
+                    mass = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
+                    for cl in tl.static_range(NUM_CLASSES - 1):
+                        part = tl.sum(tl.where((kc == cl)[None, :], p, 0.0), 1) * inv_l
+                        mass = tl.where(c[None, :] == cl, part[:, None], mass)
+                    rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
+                    mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
+                cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
+                tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
+            if WANT_SAME:
+                q_label = tl.load(LABEL + lab_base + offs_m * slt, mask=row_ok, other=-1)
+                k_label = tl.load(LABEL + lab_base + cols * slt, mask=col_ok, other=-2)
+                same = tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
+                tl.store(SAME + stat_off, same * inv_l, mask=row_ok)
+
+
+@triton.autotune(
+    configs=_short_configs(SHORT_FWD_CONFIGS), key=_SHORT_FWD_KEY, prune_configs_by={"early_config_prune": _prune_short}
+)
+@triton.jit
+def _short_fwd_kernel(
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+    scale_log2,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    scb, sct,
+    slb, slt,
+    srb, srt,
+    BH, H, T,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WANT_ENT: tl.constexpr,
+    WANT_MAXP: tl.constexpr,
+    WANT_CLS: tl.constexpr,
+    CLS_DOT: tl.constexpr,
+    NUM_CLASSES: tl.constexpr,
+    CLS_PAD: tl.constexpr,
+    WANT_SAME: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    for i in range(GROUP):
+        bh = pid * GROUP + i
+        if bh < BH:
+            b = bh // H
+            h = bh % H
+            for j in tl.static_range(T_PAD // BLOCK_M):
+                if j * BLOCK_M < T:
+                    _short_fwd_tile(
+                        Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+                        scale_log2, sqt, sqd, skt, skd, svt, svd, sot, sod, sct, slt, srt,
+                        b * sqb + h * sqh, b * skb + h * skh, b * svb + h * svh, b * sob + h * soh,
+                        b * scb, b * slb, b * srb, bh * T,
+                        j * BLOCK_M, T,
+                        HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_MAXP, WANT_CLS, CLS_DOT, NUM_CLASSES,
+                        CLS_PAD, WANT_SAME, HAS_ROWS, BLOCK_M,
+                        # causal: keys up to the tile's last row, as a power of two (tiles 0 and 1 exactly)
+                        BLOCK_M * (j + 1) if (CAUSAL and j < 2) else T_PAD,
+                    )  # fmt: skip
+
+
+@triton.autotune(
+    configs=_short_configs(SHORT_BWD_CONFIGS), key=_SHORT_BWD_KEY, prune_configs_by={"early_config_prune": _prune_short}
+)
+@triton.jit
+def _short_bwd_kernel(
+    Q, K, V, OUT, DO, LSE2, DQ, DK, DV,
+    scale_log2, sm_scale,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sob, soh, sot, sod,
+    sdb, sdh, sdt, sdd,
+    BH, H, T,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, T_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < T
+    for i in range(GROUP):
+        bh = pid * GROUP + i
+        if bh < BH:
+            b = bh // H
+            h = bh % H
+            k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :] * skd, mask=col_ok[:, None],
+                        other=0.0)  # fmt: skip
+            v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None],
+                        other=0.0)  # fmt: skip
+            dk = tl.zeros([T_PAD, HEAD_DIM], dtype=tl.float32)
+            dv = tl.zeros([T_PAD, HEAD_DIM], dtype=tl.float32)
+            for j in tl.static_range(T_PAD // BLOCK_M):
+                if j * BLOCK_M < T:
+                    offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
+                    row_ok = offs_m < T
+                    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                                mask=row_ok[:, None], other=0.0)  # fmt: skip
+                    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
+                                 mask=row_ok[:, None], other=0.0)  # fmt: skip
+                    o = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
+                                mask=row_ok[:, None], other=0.0)  # fmt: skip
+                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
+                    lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BM, T_PAD]
+                    valid = col_ok[None, :] & row_ok[:, None]
+                    if CAUSAL:
+                        valid = valid & (cols[None, :] <= offs_m[:, None])
+                    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+                    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, T_PAD]
+                    ds = p * (dp - delta[:, None])
+                    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
+                    dq_off = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+                    tl.store(DQ + dq_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+                    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+            out_off = bh * T * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]  # dk, dv contiguous
+            tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+            tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
 def _precision(dtype: torch.dtype, ieee: bool) -> str:
     # only fp32 operands have a choice; "tf32" is Triton's default and a no-op for fp16/bf16
     return "ieee" if (ieee and dtype == torch.float32) else "tf32"
@@ -365,12 +703,23 @@ def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def short_path(t: int) -> bool:
+    """Whether sequences of length ``t`` take the short-sequence kernels (``LIGHTNING_ICL_SHORT=0``: never)."""
+    return t <= SHORT_MAX_T and os.environ.get("LIGHTNING_ICL_SHORT", "1").strip() != "0"
+
+
+def short_backward_fits(t: int, head_dim: int) -> bool:
+    """Whether the fused short backward holds this problem's dk and dv (else the tiled backward runs)."""
+    return short_path(t) and max(16, triton.next_power_of_2(t)) * head_dim <= SHORT_BWD_MAX_AREA
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     key_class: torch.Tensor | None,
     label: torch.Tensor | None,
+    rows: torch.Tensor | None,
     causal: bool,
     sm_scale: float,
     num_classes: int,
@@ -383,6 +732,9 @@ def forward(
     """Launch the forward; returns ``(out, lse2, entropy, max_prob, class_mass, same_label_mass)``.
 
     Statistics not asked for come back as empty tensors. ``lse2`` is the base-2 log-sum-exp.
+    ``rows`` (``[B, T]`` int8, or None for all) flags the query rows whose entropy, class mass
+    and same-label mass are wanted: they are computed in the query tiles holding a flagged row
+    and undefined in the others (lse and max_prob are free and cover every row).
     """
     b, h, t, d = q.shape
     out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
@@ -401,24 +753,36 @@ def forward(
     # int32 ids keep the per-tile comparisons cheap in registers
     kc = key_class.to(torch.int32) if want_class_mass else unused
     lab = label.to(torch.int32) if want_same_label else unused
-    grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))
+    flags = rows if rows is not None else unused
+    n_cls = max(num_classes, 1)
+    cls_dot = n_cls > CLASS_SUM_MAX
+    flags_common = dict(
+        HEAD_DIM=d,
+        CAUSAL=causal,
+        DOT_PRECISION=_precision(q.dtype, ieee),
+        WANT_ENT=want_entropy,
+        WANT_MAXP=want_max_prob,
+        WANT_CLS=want_class_mass,
+        CLS_DOT=cls_dot,
+        NUM_CLASSES=n_cls,
+        # the one-hot dot needs 16 columns; the masked row sums only a power of two >= C
+        CLS_PAD=max(16, triton.next_power_of_2(n_cls)) if cls_dot else triton.next_power_of_2(n_cls),
+        WANT_SAME=want_same_label,
+        HAS_ROWS=rows is not None,
+    )
+    args = (
+        q, k, v, out, lse2, ent, maxp, cls, same, kc, lab, flags,
+        sm_scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *kc.stride(), *lab.stride(), *flags.stride(),
+    )  # fmt: skip
     with _on_device(q):
-        _fwd_kernel[grid](
-            q, k, v, out, lse2, ent, maxp, cls, same, kc, lab,
-            sm_scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *kc.stride(), *lab.stride(),
-            h, t, triton.next_power_of_2(t),
-            HEAD_DIM=d,
-            CAUSAL=causal,
-            DOT_PRECISION=_precision(q.dtype, ieee),
-            WANT_ENT=want_entropy,
-            WANT_MAXP=want_max_prob,
-            WANT_CLS=want_class_mass,
-            NUM_CLASSES=max(num_classes, 1),
-            CLS_PAD=max(16, triton.next_power_of_2(max(num_classes, 1))),
-            WANT_SAME=want_same_label,
-        )  # fmt: skip
+        if short_path(t):
+            grid = lambda meta: (triton.cdiv(b * h, meta["GROUP"]),)
+            _short_fwd_kernel[grid](*args, b * h, h, t, T_PAD=max(16, triton.next_power_of_2(t)), **flags_common)
+        else:
+            grid = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))
+            _fwd_kernel[grid](*args, h, t, triton.next_power_of_2(t), **flags_common)
     return out, lse2, ent, maxp, cls, same
 
 
@@ -435,13 +799,22 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, dtype of q) from the saved forward."""
     b, h, t, d = q.shape
-    delta = torch.linalg.vecdot(out.float(), grad_out.float()).contiguous()  # [B, H, T]
     dq = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_precision(q.dtype, ieee))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     scale_log2 = sm_scale * LOG2E
+    if short_backward_fits(t, d):  # one kernel: delta, dq, dk and dv of each (batch, head) together
+        grid = lambda meta: (triton.cdiv(b * h, meta["GROUP"]),)
+        with _on_device(q):
+            _short_bwd_kernel[grid](
+                q, k, v, out, grad_out, lse2, dq, dk, dv, scale_log2, sm_scale,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+                b * h, h, t, T_PAD=max(16, triton.next_power_of_2(t)), **common,
+            )  # fmt: skip
+        return dq, dk, dv
+    delta = torch.linalg.vecdot(out.float(), grad_out.float()).contiguous()  # [B, H, T]
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     t_key = triton.next_power_of_2(t)
     grid_n = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_N"]))
     grid_m = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))

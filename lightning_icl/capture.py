@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_icl.kernels import SUPPORTED_STATS
+from lightning_icl.kernels.reference import select_rows
 
 POSITION_MODES = ("all", "last")
 
@@ -105,7 +106,4 @@ class Capture:
 
 def gather_positions(x: Tensor, positions: Tensor, dim: int) -> Tensor:
     """Select ``positions`` ``[B, P]`` along the sequence axis ``dim`` of ``x`` ``[B, ..., T, ...]``."""
-    shape = [positions.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = positions.shape[1]
-    index = positions.view(shape).expand(*[s if i != dim else positions.shape[1] for i, s in enumerate(x.shape)])
-    return torch.gather(x, dim, index)
+    return select_rows(x, positions, dim)

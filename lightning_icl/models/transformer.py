@@ -51,9 +51,19 @@ class Attention(nn.Module):
         self.keep_qk, self.last_qk = False, None  # set by the model for one forward when a capture asks
 
     def heads(
-        self, x: Tensor, stats: tuple[str, ...], key_class: Tensor | None, num_classes: int, labels: Tensor | None
+        self,
+        x: Tensor,
+        stats: tuple[str, ...],
+        key_class: Tensor | None,
+        num_classes: int,
+        labels: Tensor | None,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every head's output z ``[B, H, T, Dh]`` (before the output projection) and its statistics."""
+        """Every head's output z ``[B, H, T, Dh]`` (before the output projection) and its statistics
+        ``[B, H, P]`` at query rows ``positions`` ``[B, P]`` (``None``: every row, P = T).
+
+        Values of ``key_class`` and ``positions`` are not checked here: the model checks them once
+        per forward, so no layer waits for the host."""
         b, t = x.shape[:2]
         # [B, T, 3, H, Dh] -> three [B, H, T, Dh] strided views of one projection
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -69,7 +79,9 @@ class Attention(nn.Module):
             key_class=key_class,
             num_classes=num_classes,
             query_label=labels,
+            positions=positions if stats else None,
             backend=self.backend,
+            validate=False,
         )
         self.last_qk = (q.detach(), k.detach()) if self.keep_qk else None
         return z, st
@@ -88,8 +100,9 @@ class Attention(nn.Module):
         labels: Tensor | None,
         gate: Tensor | None,
         ablate_with: str | Tensor | None,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        z, st = self.heads(x, stats, key_class, num_classes, labels)
+        z, st = self.heads(x, stats, key_class, num_classes, labels, positions)
         y = z if gate is None else gate_heads(z, gate, ablate_with)
         return self.project(y), z, st
 
@@ -286,6 +299,8 @@ class ICLTransformer(nn.Module):
         result = None
         if capture is not None:
             result = Capture(positions=capture.resolve_positions(b, t, inputs.device))
+            if capture.stats:
+                self._check_stat_inputs(capture.stats, key_class, num_classes, labels, b, t)
 
         h = self._embed(inputs)
         for i, block in enumerate(self.blocks):
@@ -304,6 +319,7 @@ class ICLTransformer(nn.Module):
                 labels=labels,
                 gate=gate,
                 ablate_with=mu,
+                positions=result.positions if keep else None,
             )
             if keep:
                 pos = result.positions
@@ -311,8 +327,8 @@ class ICLTransformer(nn.Module):
                     result.residual[i] = gather_positions(h.detach(), pos, dim=1)
                 if capture.heads:
                     result.heads[i] = gather_positions(z.detach(), pos, dim=2)
-                if st:
-                    result.stats[i] = {name: gather_positions(val, pos, dim=2) for name, val in st.items()}
+                if st:  # already at the captured positions: the attention computed them there only
+                    result.stats[i] = st
                 if capture.qk:
                     result.q[i], result.k[i] = block.attn.last_qk
                     block.attn.keep_qk, block.attn.last_qk = False, None
@@ -417,6 +433,29 @@ class ICLTransformer(nn.Module):
         if members:
             variants[members] = out[b:].unflatten(0, (len(members), b))
         return clean, variants
+
+    def _check_stat_inputs(
+        self,
+        stats: tuple[str, ...],
+        key_class: Tensor | None,
+        num_classes: int,
+        labels: Tensor | None,
+        batch: int,
+        seq_len: int,
+    ) -> None:
+        """The token classes and labels the statistics need, checked once per forward (one host sync)."""
+        if "class_mass" in stats:
+            if key_class is None or num_classes < 1:
+                raise ValueError("CaptureSpec stats 'class_mass' needs key_class [B, T] and num_classes >= 1")
+            if tuple(key_class.shape) != (batch, seq_len):
+                raise ValueError(f"key_class must be [B, T] = {(batch, seq_len)}, got {tuple(key_class.shape)}")
+            if key_class.numel() and not torch.compiler.is_compiling():
+                low, high = torch.stack(list(torch.aminmax(key_class))).tolist()
+                if low < 0 or high >= num_classes:
+                    raise ValueError(f"key_class values must lie in [0, {num_classes}), got [{low}, {high}]")
+        if "same_label_mass" in stats and (labels is None or tuple(labels.shape) != (batch, seq_len)):
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"CaptureSpec stats 'same_label_mass' needs labels [B, T] = {(batch, seq_len)}, got {got}")
 
     def _check_gates(self, gates: Tensor | None, batch: int) -> Tensor | None:
         if gates is None:

@@ -62,8 +62,9 @@ def test_reference_matches_naive_for_output_and_every_statistic(t, causal, strid
 def test_chunking_does_not_change_results():
     q, k, v = inputs(1, 2, 50, 16)
     kc = torch.randint(2, (1, 50))
-    a = attention_reference(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc, chunk_size=7)
-    b = attention_reference(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc, chunk_size=256)
+    # 7 rows per chunk (2 heads x 50 keys x 7 rows) against everything at once
+    a = attention_reference(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc, chunk_elements=700)
+    b = attention_reference(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc)
     torch.testing.assert_close(a[0], b[0])
     for name in ALL:
         torch.testing.assert_close(a[1][name], b[1][name])

@@ -92,12 +92,15 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @needs_interpreter
+@pytest.mark.parametrize("path", ["short", "tiled"])
 @pytest.mark.parametrize("t", [1, 7, 37, 129])
 @pytest.mark.parametrize("d", [16, 64])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_interpreter_kernel_matches_reference(t, d, causal, dtype, strided):
+def test_interpreter_kernel_matches_reference(path, t, d, causal, dtype, strided, monkeypatch):
+    # sequences up to 256 take the short-sequence kernels unless LIGHTNING_ICL_SHORT=0
+    monkeypatch.setenv("LIGHTNING_ICL_SHORT", "1" if path == "short" else "0")
     check(1, 2, t, d, causal, dtype, "cpu", strided, ATOL[dtype])
 
 
@@ -108,7 +111,7 @@ def test_interpreter_other_head_dims(d):
 
 
 @needs_cuda
-@pytest.mark.parametrize("t", [1, 37, 129, 512, 1000])
+@pytest.mark.parametrize("t", [1, 37, 200, 1000])  # short kernels (padded keys 16, 64, 256), the tiled ones
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -236,6 +239,20 @@ def test_autotune_pruning_fits_blocks_to_the_problem(monkeypatch):
         heavy and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in heavy) and len(heavy) < len(plain)
     )
     assert ta._configs(ta.FWD_CONFIGS) == (ta.INTERPRETER_CONFIGS if ta.INTERPRETED else ta.FWD_CONFIGS)
+
+
+def test_short_kernel_configs_fit_the_padded_keys(monkeypatch):
+    from lightning_icl.kernels import triton_attention as ta
+
+    monkeypatch.setenv("LIGHTNING_ICL_AUTOTUNE", "1")
+    for t_pad in (16, 32, 64, 128, 256):
+        for configs in (ta.SHORT_FWD_CONFIGS, ta.SHORT_BWD_CONFIGS):
+            kept = ta._prune_short(configs, {}, T_PAD=t_pad)
+            # one to four query tiles, each no longer than the padded keys
+            assert kept and all(c.kwargs["BLOCK_M"] <= t_pad and t_pad // c.kwargs["BLOCK_M"] <= 4 for c in kept)
+    assert ta.short_path(256) and not ta.short_path(257)
+    monkeypatch.setenv("LIGHTNING_ICL_SHORT", "0")
+    assert not ta.short_path(95) and not ta.short_backward_fits(95, 32)
 
 
 def test_autotuning_can_be_switched_off(monkeypatch):

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU number the package owes, in one command on a CUDA machine, within 8 minutes on one
+# H100/H200: the GPU test tier, the capture benchmark and the callback benchmark.
+#
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]          # default: benchmarks/results
+#
+# Each stage has its own time limit, and the benchmarks stop starting new rows when their
+# budget is spent (the rows left out are listed in their tables), so the suite ends on time and
+# keeps what it measured. Logs and tables land in OUT_DIR (seven files: three logs, two tables
+# of two files each). Needs torch, triton and lightning
+# (and pytest, pytest-xdist for the tests); installs nothing from the network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+start=$(date +%s)
+stamp() { echo "[gpu_suite $(( $(date +%s) - start )) s] $*"; }
+
+# The package importable without a network: an editable install with the build tools present,
+# else a copy laid out as the distribution maps it (kernels/ -> lightning_icl/kernels).
+if ! "$PY" -c "import lightning_icl.kernels" 2>/dev/null; then
+    if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/tmp/gpu_suite_install.log 2>&1; then
+        site=$(mktemp -d)
+        cp -r lightning_icl "$site/lightning_icl" && cp -r kernels "$site/lightning_icl/kernels"
+        export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
+"$PY" - <<'EOF'  # what ran, on the suite's output (the tables carry it too)
+import torch, triton
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)
+EOF
+
+# 1. The GPU test tier (tests/kernels on CUDA), first config that fits instead of a full autotune.
+stamp "GPU test tier"
+workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+LIGHTNING_ICL_AUTOTUNE=0 timeout 170 "$PY" -m pytest -q $workers -p no:cacheprovider tests/kernels \
+    >"$OUT/gpu_tests.log" 2>&1
+echo "pytest exit code $?" >>"$OUT/gpu_tests.log"
+tail -n 15 "$OUT/gpu_tests.log"
+
+# 2. Capture benchmark: the seeds' shapes and the long ones, every provider, then the training steps.
+stamp "capture benchmark"
+timeout 250 "$PY" -m benchmarks.capture --budget 200 --out "$OUT" >"$OUT/gpu_capture.log" 2>&1
+echo "capture benchmark exit code $?" >>"$OUT/gpu_capture.log"
+tail -n 12 "$OUT/gpu_capture.log"
+
+# 3. Callback benchmark on the quickstart model (one fit per arm, half the quickstart's steps).
+stamp "callback benchmark"
+timeout 75 "$PY" -m benchmarks.callbacks --accelerator gpu --steps 1000 --repeats 1 --out "$OUT" \
+    >"$OUT/gpu_callbacks.log" 2>&1
+echo "callback benchmark exit code $?" >>"$OUT/gpu_callbacks.log"
+tail -n 6 "$OUT/gpu_callbacks.log"
+stamp "done"
