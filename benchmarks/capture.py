@@ -193,15 +193,26 @@ def kernel_path(path: str) -> Iterator[None]:
                 os.environ["LIGHTNING_ICL_SHORT"] = old
 
 
-def attention_providers(device: str, short: bool) -> list[str]:
+def short_kernel_takes(t: int) -> bool:
+    from lightning_icl.kernels import triton_attention
+
+    return triton_attention.short_path(t)
+
+
+GOAL_PROVIDERS = ["kernel", "kernel+all", "kernel+all@answers", "sdpa:flash", "sdpa:cudnn", "sdpa:efficient",
+                  "sdpa:math"]  # fmt: skip
+SECOND_DTYPE_PROVIDERS = ["kernel", "kernel+all", "sdpa:flash", "sdpa:cudnn"]
+
+
+def attention_providers(device: str, short: bool, phase: str) -> list[str]:
+    """The providers of one phase: ``"goals"`` (what the goals read), then ``"rest"`` (the peers
+    that are no SDPA backend, each statistic alone, the tiled kernel where the short one runs)."""
     if device != "cuda":
-        return ["sdpa", "reference+all", "reference+all@answers", "eager+stats"]
-    names = ["kernel", "kernel+all", "kernel+all@answers"]
-    names += ["sdpa:flash", "sdpa:cudnn", "sdpa:efficient", "sdpa:math", "flex+lse", "eager+stats"]
-    names += [f"kernel+{s}" for s in SUPPORTED_STATS]
-    if short:
-        names += ["kernel:tiled", "kernel:tiled+all"]
-    return names
+        return ["sdpa", "reference+all", "reference+all@answers", "eager+stats"] if phase == "goals" else []
+    if phase == "goals":
+        return list(GOAL_PROVIDERS)
+    names = ["flex+lse", "eager+stats"] + [f"kernel+{s}" for s in SUPPORTED_STATS]
+    return names + (["kernel:tiled", "kernel:tiled+all"] if short else [])
 
 
 def provider_fn(name: str, key_class, labels, answers) -> tuple[Callable, str]:
@@ -240,16 +251,16 @@ def provider_fn(name: str, key_class, labels, answers) -> tuple[Callable, str]:
     raise ValueError(f"unknown provider {name!r}")
 
 
-def picked_configs(t: int, d: int) -> str:
+def picked_configs(t: int, d: int, dtype: torch.dtype) -> str:
     """The configs the autotuner chose for the kernels that ran at this shape (empty before any ran)."""
     from lightning_icl.kernels import triton_attention as ta
 
     if ta.short_path(t):
         kernels = [("fwd", ta._short_fwd_kernel)]
-        kernels += [("bwd", ta._short_bwd_kernel)] if ta.short_backward_fits(t, d) else []
+        kernels += [("bwd", ta._short_bwd_kernel)] if ta.short_backward_fits(t, d, dtype) else []
     else:
         kernels = [("fwd", ta._fwd_kernel)]
-    if not ta.short_backward_fits(t, d):
+    if not ta.short_backward_fits(t, d, dtype):
         kernels += [("dkdv", ta._bwd_dkdv_kernel), ("dq", ta._bwd_dq_kernel)]
     parts = []
     for label, kernel in kernels:
@@ -304,18 +315,24 @@ def attention_rows(shape: str, b, h, t, d, answers_from, dtype, device, reps, pr
             skipped.append(f"{name} at {shape}: {type(error).__name__}: {first}")
             print(skipped[-1], flush=True)
             continue
-        config = picked_configs(t, d) if name.startswith("kernel") and device == "cuda" else ""
+        config = picked_configs(t, d, dtype) if name.startswith("kernel") and device == "cuda" else ""
         for mode, ms, flops, mib in measured:
             rows.append(row("attention", shape, name, mode, B=b, T=t, H=h, Dh=d,
                             dtype=str(dtype).replace("torch.", ""), ms=round(ms, 4),
                             **{"TFLOP/s": float(f"{flops / ms / 1e9:.4g}"), "MiB": mib,
                                "rel err": float(f"{err:.3g}"), "config": config}))  # fmt: skip
         print(" | ".join(f"{m} {ms:.3f} ms" for m, ms, _, _ in measured), f"<- {name} {shape}", flush=True)
-    baseline = {r["mode"]: r["ms"] for r in rows if r["provider"] in ("kernel", "sdpa")}
-    for r in rows:
-        if r["mode"] in baseline:
-            r["vs baseline"] = round(r["ms"] / baseline[r["mode"]], 3)
     return rows
+
+
+def fill_baselines(rows: list[Row]) -> None:
+    """Each attention row's time over ``kernel`` (CUDA) or ``sdpa`` (CPU) at its shape, dtype and mode."""
+    base = {(r["shape"], r["dtype"], r["mode"]): r["ms"] for r in rows
+            if r["section"] == "attention" and r["provider"] in ("kernel", "sdpa")}  # fmt: skip
+    for r in rows:
+        key = (r["shape"], r["dtype"], r["mode"])
+        if r["section"] == "attention" and key in base:
+            r["vs baseline"] = round(r["ms"] / base[key], 3)
 
 
 def attention_shapes(device: str, quick: bool) -> list[tuple[str, int, int, int, int, tuple[int, int]]]:
@@ -505,6 +522,63 @@ def goals(rows: list[Row], device: str) -> list[str]:
     return lines
 
 
+# ---- compile warm-up -----------------------------------------------------------------------------
+
+
+def _warm_one(item: tuple) -> str:
+    """Run one attention provider once, forward and backward (or one training setup's steps), so its
+    kernels are compiled (and autotuned) into Triton's on-disk cache; the timed run then loads them."""
+    if item[0] == "train":
+        try:
+            train_rows(item[1], train_setups("cuda", False)[item[1]], "cuda", 1, Budget(None), [])
+            return ""
+        except Exception as error:
+            return f"train {item[1]}: {type(error).__name__}"
+    label, b, h, t, d, answers_from, dtype_name, name = item
+    dtype = getattr(torch, dtype_name)
+    try:
+        q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        key_class = (torch.arange(t, device="cuda") % NUM_CLASSES).expand(b, t).contiguous()
+        labels = torch.randint(16, (b, t), device="cuda")
+        fn, path = provider_fn(name, key_class, labels, answer_rows(t, *answers_from, "cuda"))
+        with kernel_path(path):
+            fn(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+        return ""
+    except Exception as error:  # the timed run reports it
+        return f"{name} at {label}: {type(error).__name__}"
+
+
+def warm_up(shapes, dtypes, workers: int, train: bool) -> None:
+    """Compile every kernel the attention section will launch, in ``workers`` processes at once.
+
+    Autotuning compiles every candidate config of every (length bucket, head dim, dtype,
+    statistics) once, which takes minutes when done one after another; compiled kernels land in
+    Triton's on-disk cache, so processes running side by side share the work. Their timings are
+    not used: the timed run autotunes again, on cached binaries.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    items = []
+    for label, b, h, t, d, answers_from in shapes:
+        short = short_kernel_takes(t)
+        for dtype in dtypes:
+            names = attention_providers("cuda", short, "goals") + attention_providers("cuda", short, "rest")
+            if dtype != dtypes[0]:
+                names = SECOND_DTYPE_PROVIDERS
+            names = [n for n in names if n.startswith("kernel")]
+            items += [(label, b, h, t, d, answers_from, str(dtype).replace("torch.", ""), n) for n in names]
+    if train:
+        items += [("train", name) for name in train_setups("cuda", False)]
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        failed = [msg for msg in pool.map(_warm_one, items) if msg]
+    print(f"warm-up: {len(items)} kernel launches compiled in {time.perf_counter() - start:.0f} s "
+          f"with {workers} processes" + (f"; failed: {failed}" if failed else ""), flush=True)  # fmt: skip
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 
@@ -518,6 +592,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--train-steps", type=int, default=10, help="timed training steps per variant")
     parser.add_argument("--budget", type=float, default=None, help="seconds after which no new row is started")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions: checks that it runs")
+    parser.add_argument(
+        "--warm", type=int, default=0, help="CUDA: compile every kernel first in this many processes (Triton's cache)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="appended to the file names")
     args = parser.parse_args(argv)
@@ -531,6 +608,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     skipped: list[str] = []
 
     def write() -> list[str]:
+        fill_baselines(rows)
         summary = goals(rows, device)
         notes = "## Goals\n\n" + "\n".join(f"- {line}" for line in summary)
         notes += (
@@ -552,19 +630,30 @@ def main(argv: list[str] | None = None) -> list[Row]:
             if budget.left():
                 rows += model_rows(label, b, t, d, h, layers, device, reps)
                 write()
-    if "attention" in sections:
-        dtypes = [getattr(torch, x) for x in args.dtypes.split(",")] if device == "cuda" else [torch.float32]
-        for label, b, h, t, d, answers_from in attention_shapes(device, args.quick):
-            for dtype in dtypes:
-                providers = attention_providers(device, short=t <= 256)
-                if dtype != dtypes[0]:  # the second dtype: the goal rows only
-                    providers = [p for p in providers if p in ("kernel", "kernel+all", "sdpa:flash", "sdpa:cudnn")]
-                rows += attention_rows(label, b, h, t, d, answers_from, dtype, device, reps, providers, budget, skipped)
+    dtypes = [getattr(torch, x) for x in args.dtypes.split(",")] if device == "cuda" else [torch.float32]
+    shapes = attention_shapes(device, args.quick)
+
+    def attention_phase(phase: str) -> None:
+        for label, b, h, t, d, answers_from in shapes:
+            for dtype in dtypes if phase == "rest" else dtypes[:1]:
+                short = device == "cuda" and short_kernel_takes(t)
+                # the second dtype: the goal rows only, after everything else
+                providers = attention_providers(device, short, phase) if dtype == dtypes[0] else SECOND_DTYPE_PROVIDERS
+                rows.extend(attention_rows(label, b, h, t, d, answers_from, dtype, device, reps, providers, budget,
+                                           skipped))  # fmt: skip
                 write()
+
+    if device == "cuda" and args.warm > 0 and not args.quick:
+        warm_up(shapes if "attention" in sections else [], dtypes, args.warm, "train" in sections)
+    # what the goals read first, for every shape; then the training steps; then the rest
+    if "attention" in sections:
+        attention_phase("goals")
     if "train" in sections:
         for label, setup in train_setups(device, args.quick).items():
-            rows += train_rows(label, setup, device, 2 if args.quick else args.train_steps, budget, skipped)
+            rows.extend(train_rows(label, setup, device, 2 if args.quick else args.train_steps, budget, skipped))
             write()
+    if "attention" in sections:
+        attention_phase("rest")
     summary = write()
     print("\n".join(summary))
     return rows

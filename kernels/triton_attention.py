@@ -1,26 +1,41 @@
 """Flash-attention forward and backward in Triton, with per-head statistics.
 
-The forward is the usual online-softmax loop over key blocks (base-2 exponentials).
-Statistics are compile-time switches, so a launch that asks for none compiles to
-the plain kernel; each one adds only a rescaled accumulator to the loop:
+Two paths, chosen by sequence length (``short_path``):
+
+- **Tiled** (T > 128): the usual online-softmax loop over key blocks (base-2
+  exponentials), one program per (batch*head, query block).
+- **Short** (T <= 128, where the paper configs train): a query tile holds every key it
+  needs, so the softmax is exact (one max, one sum, no rescaling); one program runs GROUP
+  (batch, head) problems in turn, and a causal tile loads only the keys up to its last row.
+
+Statistics are compile-time switches, so a launch that asks for none compiles to the plain
+kernel; each one adds only an accumulator (rescaled, on the tiled path):
 
 - max_prob = 1 / l at the end (the running max has probability exp(0) / l);
 - entropy: t <- t * alpha + sum(p~ * s), then H = lse - t / l (masked scores are a
   large finite negative, so p~ * s is 0 there, never 0 * inf);
-- class_mass: acc_c <- acc_c * alpha + p~ @ onehot(key_class) (one small dot per tile);
+- class_mass: for up to CLASS_SUM_MAX classes, a masked row sum per class but the last,
+  which is what the others leave of the row; for more, p~ @ onehot(key_class), one small dot;
 - same_label_mass: acc_s <- acc_s * alpha + sum(p~ where label_j == label_i).
 
-Each loop runs in two phases: tiles that need no mask (entirely inside the sequence
+A ``ROWS`` flag per query row (``HAS_ROWS``) says which rows' statistics are wanted: query
+tiles holding none of them run the plain loop, and their statistics are left undefined.
+
+Each tiled loop runs in two phases: tiles that need no mask (entirely inside the sequence
 and, when causal, entirely below the diagonal), then the few that do.
 
-The backward recomputes probabilities from the stored base-2 log-sum-exp: one
-kernel per key block accumulates dk and dv, one per query block accumulates dq,
-so no atomics are needed.
+The backward recomputes probabilities from the stored base-2 log-sum-exp. Tiled: one
+kernel per key block accumulates dk and dv, one per query block accumulates dq, so no
+atomics are needed. Short (fp16/bf16 with ``T_pad * Dh <= SHORT_BWD_MAX_AREA``): one fused
+kernel per GROUP of (batch, head) problems computes rowsum(dO * O), dq, dk and dv together.
 
-Each kernel autotunes its block shape, warps and pipeline depth once per length
+Each kernel autotunes its block shape, warps (and pipeline depth) once per length
 bucket, head dim, dtype and set of statistics: the first launch of a new combination
 compiles and times every config that fits (tens of seconds on a GPU). Set
-``LIGHTNING_ICL_AUTOTUNE=0`` to skip that and launch the first config that fits.
+``LIGHTNING_ICL_AUTOTUNE=0`` to skip that and launch the first config that fits, and
+``LIGHTNING_ICL_SHORT=0`` to send short sequences down the tiled path. Which configs spill
+registers on sm_90 is measured offline by ``python -m benchmarks.registers``
+(``benchmarks/results/registers_sm90.md``); the pruning keeps the spilling ones out.
 
 Import this module only after deciding on ``TRITON_INTERPRET``: Triton reads it
 when the kernels are decorated.
@@ -91,9 +106,22 @@ def _prune(configs, named_args, **kwargs):
             continue
         if max(bm, bn) >= 128 and c.num_warps == 4:
             continue
+        # with several statistics these spill registers on sm_90 (benchmarks/results/registers_sm90.md)
+        if n_stats >= 2 and bm >= 128 and (d >= 128 or c.num_stages > 2):
+            continue
+        if n_stats >= 2 and d >= 128 and c.num_warps < 8:
+            continue
         kept.append(c)
     kept = kept or configs[-1:]
     return kept if autotuning() else kept[:1]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    """As :func:`_prune`; at head dim 128 the dk/dv kernel's query block stays at 32 rows or fewer,
+    since with 64 its two ``[BLOCK_N, 128]`` accumulators spill registers on sm_90."""
+    if kwargs.get("HEAD_DIM", 0) >= 128:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32] or configs
+    return _prune(configs, named_args, **kwargs)
 
 
 # Tune per power-of-two length bucket, not per exact length.
@@ -292,7 +320,7 @@ def _fwd_kernel(
     )  # fmt: skip
 
 
-@triton.autotune(configs=_configs(DKDV_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(DKDV_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV,
@@ -450,14 +478,18 @@ CLASS_SUM_MAX = 4
 """Up to this many key classes, class mass is C - 1 masked row sums per tile (the last class is
 the rest of the row); with more, one small dot with the one-hot classes."""
 
-SHORT_MAX_T = 256
-"""Longest sequence the short-sequence kernels take (its padded key range is one tile)."""
+SHORT_MAX_T = 128
+"""Longest sequence the short-sequence kernels take (its padded key range is one tile). At a
+padded 256 keys every short config with statistics spills registers on sm_90, so 129..256 take
+the tiled kernels, whose 128-key blocks make that two tiles."""
 
-SHORT_BWD_MAX_AREA = 128 * 64
-"""Largest ``T_PAD * HEAD_DIM`` the fused short backward takes; its dk, dv accumulators grow with it."""
+SHORT_BWD_MAX_AREA = 128 * 32
+"""Largest ``T_PAD * HEAD_DIM`` the fused short backward takes (fp16/bf16): its dk, dv
+accumulators grow with it, and beyond this every config spills registers on sm_90
+(``benchmarks/results/registers_sm90.md``); fp32 spills at any size, so it takes the tiled backward."""
 
 
-def _short_config_grid(blocks, groups=(1, 4), warps=(4, 8), stages=(1, 2)) -> list[triton.Config]:
+def _short_config_grid(blocks, groups, warps, stages=(1,)) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "GROUP": g}, num_warps=w, num_stages=s)
         for bm in blocks
@@ -467,8 +499,9 @@ def _short_config_grid(blocks, groups=(1, 4), warps=(4, 8), stages=(1, 2)) -> li
     ]
 
 
-SHORT_FWD_CONFIGS = _short_config_grid((128, 64, 32, 16))
-SHORT_BWD_CONFIGS = _short_config_grid((64, 32, 16), groups=(1, 2))
+# num_stages has nothing to pipeline here (no inner loop): one value, half the compiles.
+SHORT_FWD_CONFIGS = _short_config_grid((128, 64, 32, 16), groups=(1, 4), warps=(8, 4))
+SHORT_BWD_CONFIGS = _short_config_grid((64, 32, 16), groups=(1, 2), warps=(8,))
 INTERPRETER_SHORT_CONFIGS = [triton.Config({"BLOCK_M": 16, "GROUP": 2}, num_warps=4, num_stages=1)]
 
 
@@ -477,21 +510,32 @@ def _short_configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
 
 
 def _prune_short(configs, named_args, **kwargs):
-    """Query tiles of a half or a quarter of the padded keys (or all of them), score tiles that fit
-    the warps, and the warps that fit the tile."""
-    t_pad = kwargs["T_PAD"]
+    """Short forward: one to four query tiles, each at least 64 rows (the M of a Hopper
+    warpgroup's wgmma; shorter tiles compile to mma.sync) unless the keys are fewer, 8 warps for
+    128-row tiles and 4 for tiles under 64 rows; several problems per program only without
+    statistics and for head dims up to 64, where that does not spill registers on sm_90
+    (``benchmarks/results/registers_sm90.md``)."""
+    t_pad, d = kwargs["T_PAD"], kwargs.get("HEAD_DIM", 64)
+    n_stats = sum(bool(kwargs.get(f)) for f in ("WANT_ENT", "WANT_CLS", "WANT_SAME"))
     kept = []
     for c in configs:
-        bm, warps = c.kwargs["BLOCK_M"], c.num_warps
-        if bm > t_pad or t_pad // bm > 4:
+        bm, warps, group = c.kwargs["BLOCK_M"], c.num_warps, c.kwargs["GROUP"]
+        if bm > t_pad or t_pad // bm > 4 or bm < min(64, t_pad) or bm * t_pad > 64 * 256:
             continue
-        area = bm * t_pad
-        if area > 64 * 256:
+        if (bm >= 128 and warps != 8) or (bm < 64 and warps != 4):
             continue
-        if (area >= 64 * 128) != (warps == 8):  # big score tiles on 8 warps, small ones on 4
+        if group > 1 and (n_stats > 0 or d >= 128):  # several problems per program: only plain, narrow ones
             continue
         kept.append(c)
     kept = kept or [c for c in configs if c.kwargs["BLOCK_M"] <= t_pad][-1:] or configs[-1:]
+    return kept if autotuning() else kept[:1]
+
+
+def _prune_short_bwd(configs, named_args, **kwargs):
+    """Fused short backward: query tiles of min(64, T_PAD) rows on 8 warps, the only shape that
+    holds dk and dv without spilling on sm_90."""
+    t_pad = kwargs["T_PAD"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] == min(64, t_pad)] or configs[-1:]
     return kept if autotuning() else kept[:1]
 
 
@@ -528,7 +572,6 @@ def _short_fwd_tile(
     col_ok = cols < T
     q = tl.load(Q + q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     k_t = tl.load(K + k_base + cols[None, :] * skt + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
-    v = tl.load(V + v_base + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, KEYS]
     valid = col_ok[None, :]
     if CAUSAL:
@@ -538,15 +581,12 @@ def _short_fwd_tile(
     p = tl.exp2(s - m[:, None])
     l_i = tl.sum(p, 1)
     inv_l = 1.0 / l_i
-    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    out = acc * inv_l[:, None]
-    tl.store(OUT + o_base + offs_m[:, None] * sot + offs_d[None, :] * sod, out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None])  # fmt: skip
     stat_off = stat_base + offs_m
     lse2 = m + tl.log2(l_i)
     tl.store(LSE2 + stat_off, lse2, mask=row_ok)
     if WANT_MAXP:
         tl.store(MAXP + stat_off, inv_l, mask=row_ok)
+    # the statistics before the p @ v dot, so that s and their temporaries are dead during it
     if WANT_ENT or WANT_CLS or WANT_SAME:
         tile_wanted = True
         if HAS_ROWS:  # the statistics' extra work only in query tiles that hold a requested row
@@ -560,8 +600,8 @@ def _short_fwd_tile(
                 kc = tl.load(KEY_CLASS + kc_base + cols * sct, mask=col_ok, other=-1)
                 c = tl.arange(0, CLS_PAD)
                 if CLS_DOT:
-                    onehot = (kc[:, None] == c[None, :]).to(v.dtype)
-                    mass = tl.dot(p.to(v.dtype), onehot, input_precision=DOT_PRECISION) * inv_l[:, None]
+                    onehot = (kc[:, None] == c[None, :]).to(V.dtype.element_ty)
+                    mass = tl.dot(p.to(V.dtype.element_ty), onehot, input_precision=DOT_PRECISION) * inv_l[:, None]
                 else:
                     mass = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
                     for cl in tl.static_range(NUM_CLASSES - 1):
@@ -576,6 +616,11 @@ def _short_fwd_tile(
                 k_label = tl.load(LABEL + lab_base + cols * slt, mask=col_ok, other=-2)
                 same = tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
                 tl.store(SAME + stat_off, same * inv_l, mask=row_ok)
+    v = tl.load(V + v_base + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    out = acc * inv_l[:, None]
+    tl.store(OUT + o_base + offs_m[:, None] * sot + offs_d[None, :] * sod, out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.autotune(
@@ -630,7 +675,9 @@ def _short_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_short_configs(SHORT_BWD_CONFIGS), key=_SHORT_BWD_KEY, prune_configs_by={"early_config_prune": _prune_short}
+    configs=_short_configs(SHORT_BWD_CONFIGS),
+    key=_SHORT_BWD_KEY,
+    prune_configs_by={"early_config_prune": _prune_short_bwd},
 )
 @triton.jit
 def _short_bwd_kernel(
@@ -708,9 +755,10 @@ def short_path(t: int) -> bool:
     return t <= SHORT_MAX_T and os.environ.get("LIGHTNING_ICL_SHORT", "1").strip() != "0"
 
 
-def short_backward_fits(t: int, head_dim: int) -> bool:
+def short_backward_fits(t: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the fused short backward holds this problem's dk and dv (else the tiled backward runs)."""
-    return short_path(t) and max(16, triton.next_power_of_2(t)) * head_dim <= SHORT_BWD_MAX_AREA
+    area = max(16, triton.next_power_of_2(t)) * head_dim
+    return short_path(t) and dtype in (torch.float16, torch.bfloat16) and area <= SHORT_BWD_MAX_AREA
 
 
 def forward(
@@ -804,7 +852,7 @@ def backward(
     dv = torch.empty_like(dq)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_precision(q.dtype, ieee))
     scale_log2 = sm_scale * LOG2E
-    if short_backward_fits(t, d):  # one kernel: delta, dq, dk and dv of each (batch, head) together
+    if short_backward_fits(t, d, q.dtype):  # one kernel: delta, dq, dk and dv of each (batch, head) together
         grid = lambda meta: (triton.cdiv(b * h, meta["GROUP"]),)
         with _on_device(q):
             _short_bwd_kernel[grid](

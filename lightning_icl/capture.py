@@ -74,10 +74,10 @@ class CaptureSpec:
             )
         else:
             idx = self.positions.to(device=device, dtype=torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= seq_len):
-            raise ValueError(
-                f"CaptureSpec positions must lie in [0, {seq_len}), got [{int(idx.min())}, {int(idx.max())}]"
-            )
+        if idx.numel() and not torch.compiler.is_compiling():
+            low, high = torch.stack(list(torch.aminmax(idx))).tolist()  # one host sync, not two
+            if low < 0 or high >= seq_len:
+                raise ValueError(f"CaptureSpec positions must lie in [0, {seq_len}), got [{low}, {high}]")
         if idx.dim() == 1:
             idx = idx.expand(batch, -1)
         if idx.shape[0] != batch:

@@ -91,15 +91,17 @@ def check(b, h, t, d, causal, dtype, device, strided, atol):
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+# the short kernels take T <= 128 (LIGHTNING_ICL_SHORT=0 sends them down the tiled path)
+PATH_LENGTHS = [("short", t) for t in (1, 7, 37, 100)] + [("tiled", t) for t in (1, 7, 37, 129)]
+
+
 @needs_interpreter
-@pytest.mark.parametrize("path", ["short", "tiled"])
-@pytest.mark.parametrize("t", [1, 7, 37, 129])
+@pytest.mark.parametrize("path, t", PATH_LENGTHS)
 @pytest.mark.parametrize("d", [16, 64])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_interpreter_kernel_matches_reference(path, t, d, causal, dtype, strided, monkeypatch):
-    # sequences up to 256 take the short-sequence kernels unless LIGHTNING_ICL_SHORT=0
     monkeypatch.setenv("LIGHTNING_ICL_SHORT", "1" if path == "short" else "0")
     check(1, 2, t, d, causal, dtype, "cpu", strided, ATOL[dtype])
 
@@ -111,7 +113,7 @@ def test_interpreter_other_head_dims(d):
 
 
 @needs_cuda
-@pytest.mark.parametrize("t", [1, 37, 200, 1000])  # short kernels (padded keys 16, 64, 256), the tiled ones
+@pytest.mark.parametrize("t", [1, 37, 100, 1000])  # short kernels (padded keys 16, 64, 128), the tiled ones
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -246,13 +248,17 @@ def test_short_kernel_configs_fit_the_padded_keys(monkeypatch):
 
     monkeypatch.setenv("LIGHTNING_ICL_AUTOTUNE", "1")
     for t_pad in (16, 32, 64, 128, 256):
-        for configs in (ta.SHORT_FWD_CONFIGS, ta.SHORT_BWD_CONFIGS):
-            kept = ta._prune_short(configs, {}, T_PAD=t_pad)
-            # one to four query tiles, each no longer than the padded keys
+        for prune, configs in ((ta._prune_short, ta.SHORT_FWD_CONFIGS), (ta._prune_short_bwd, ta.SHORT_BWD_CONFIGS)):
+            kept = prune(configs, {}, T_PAD=t_pad)
+            # one to four query tiles, each no longer than the padded keys, 64 rows where there are 64
             assert kept and all(c.kwargs["BLOCK_M"] <= t_pad and t_pad // c.kwargs["BLOCK_M"] <= 4 for c in kept)
-    assert ta.short_path(256) and not ta.short_path(257)
+            assert all(c.kwargs["BLOCK_M"] >= min(64, t_pad) for c in kept)
+    assert ta.short_path(128) and not ta.short_path(129)
+    # the fused backward: half precision, dk and dv small enough to stay in registers
+    assert ta.short_backward_fits(95, 32, torch.float16) and ta.short_backward_fits(40, 64, torch.bfloat16)
+    assert not ta.short_backward_fits(95, 128, torch.float16) and not ta.short_backward_fits(95, 32, torch.float32)
     monkeypatch.setenv("LIGHTNING_ICL_SHORT", "0")
-    assert not ta.short_path(95) and not ta.short_backward_fits(95, 32)
+    assert not ta.short_path(95) and not ta.short_backward_fits(95, 32, torch.float16)
 
 
 def test_autotuning_can_be_switched_off(monkeypatch):
