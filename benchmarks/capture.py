@@ -62,8 +62,8 @@ SEEDS = {
 }
 LONG_TOKENS, LONG_WIDTH = 16384, 2048
 CPU_MODELS = {  # the CPU sizes of the model goal: (B, T, d_model, n_heads, n_layers)
-    "he-layout B64 T96": (64, 96, 128, 4, 2),
-    "B16 T256 d256": (16, 256, 256, 8, 4),
+    "he-layout": (64, 96, 128, 4, 2),
+    "T=256": (16, 256, 256, 8, 4),
 }
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks (datasheets)
 
@@ -166,7 +166,7 @@ def model_rows(name: str, b: int, t: int, d: int, h: int, layers: int, device: s
             kept["TransformerLens run_with_cache"] = kept_bytes(transformerlens_capture(peer, x))
     with torch.no_grad():
         ms = interleaved_ms(fns, device, reps=reps, warmup=2)
-    shape = f"{name}, d={d}, L={layers}"
+    shape = f"{name} (B={b}, T={t}, d={d}, H={h}, L={layers})"
     return [
         row("model", shape, label, "fwd", B=b, T=t, H=h, Dh=d // h, dtype="float32", ms=round(value, 3),
             **{"vs baseline": round(value / ms["no capture"], 3), "MiB": round(kept[label] / 2**20, 2)})
@@ -480,7 +480,7 @@ def goals(rows: list[Row], device: str) -> list[str]:
         for shape in shapes:
             mine = pick("attention", shape, "kernel", "fwd+bwd")
             sdpa = [r for r in attention if r["shape"] == shape and r["mode"] == "fwd+bwd" and
-                    str(r["provider"]).startswith("sdpa:")]  # fmt: skip
+                    r["dtype"] == mine["dtype"] and str(r["provider"]).startswith("sdpa:")] if mine else []  # fmt: skip
             if mine is None or not sdpa:
                 continue
             best = min(sdpa, key=lambda r: r["ms"])
@@ -495,7 +495,7 @@ def goals(rows: list[Row], device: str) -> list[str]:
             per_shape, ok = [], True
             for shape in shapes:
                 base, full = pick("attention", shape, "kernel", mode), pick("attention", shape, "kernel+all", mode)
-                if base and full:
+                if base and full and base["dtype"] == full["dtype"]:
                     ratio = full["ms"] / base["ms"]
                     ok &= ratio <= need
                     per_shape.append(f"{shape}: {ratio:.2f}")

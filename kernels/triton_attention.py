@@ -107,9 +107,7 @@ def _prune(configs, named_args, **kwargs):
         if max(bm, bn) >= 128 and c.num_warps == 4:
             continue
         # with several statistics these spill registers on sm_90 (benchmarks/results/registers_sm90.md)
-        if n_stats >= 2 and bm >= 128 and (d >= 128 or c.num_stages > 2):
-            continue
-        if n_stats >= 2 and d >= 128 and c.num_warps < 8:
+        if n_stats >= 2 and (bm >= 128 or (d >= 128 and c.num_warps < 8)):
             continue
         kept.append(c)
     kept = kept or configs[-1:]
@@ -117,10 +115,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    """As :func:`_prune`; at head dim 128 the dk/dv kernel's query block stays at 32 rows or fewer,
-    since with 64 its two ``[BLOCK_N, 128]`` accumulators spill registers on sm_90."""
+    """As :func:`_prune`; at head dim 128 the dk/dv kernel's query block stays at 32 rows or fewer, on
+    8 warps, since otherwise its two ``[BLOCK_N, 128]`` accumulators spill registers on sm_90."""
     if kwargs.get("HEAD_DIM", 0) >= 128:
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32] or configs
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32 and c.num_warps == 8] or configs
     return _prune(configs, named_args, **kwargs)
 
 

@@ -58,3 +58,29 @@ def test_capture_benchmark_stops_starting_rows_when_its_budget_is_spent(tmp_path
 
     rows = capture.main(["--quick", "--device=cpu", "--budget=0", f"--out={tmp_path}"])
     assert rows == []
+
+
+def test_capture_goals_judge_the_ratios_of_the_run():
+    """The Goals lines compare the right rows: same shape, dtype and mode; the fastest SDPA backend."""
+    from benchmarks.capture import goals, row
+
+    def attention(provider, mode, ms, t=95, dtype="float16"):
+        return row("attention", "he", provider, mode, T=t, dtype=dtype, ms=ms)
+
+    rows = [
+        attention("kernel", "fwd", 1.0),
+        attention("kernel+all", "fwd", 1.08),
+        attention("kernel", "fwd+bwd", 3.0),
+        attention("kernel+all", "fwd+bwd", 3.3),  # 1.10 > 1.05: not met
+        attention("sdpa:flash", "fwd+bwd", 3.3),
+        attention("sdpa:cudnn", "fwd+bwd", 2.9),  # the fastest backend: 2.9 / 3.0 < 1
+        attention("sdpa:flash", "fwd+bwd", 1.0, dtype="bfloat16"),  # another dtype: not compared
+        row("train", "he2024", "sdpa", "step", ms=10.0),
+        row("train", "he2024", "kernel+stats@answers", "step", ms=9.0),
+    ]
+    lines = {line.split(":")[0]: line for line in goals(rows, "cuda")}
+    assert "not met; he: 0.97 vs sdpa:cudnn" in lines["kernel, no statistics, fwd+bwd >= the fastest SDPA backend"]
+    fwd = next(v for k, v in lines.items() if k.endswith("fwd") and "1.10x" in k)
+    assert "met; he: 1.08" in fwd and "not met" not in fwd
+    assert "not met; he: 1.10" in next(v for k, v in lines.items() if k.endswith("fwd+bwd") and "1.05x" in k)
+    assert "met; he2024: 1.11" in next(v for k, v in lines.items() if k.startswith("paper-config"))
