@@ -227,7 +227,8 @@ def _triton_attention(
     from . import ops
 
     rows = None
-    if positions is not None and stats:  # which query rows the statistics are wanted for, as a [B, T] flag
+    heavy = {"entropy", "class_mass", "same_label_mass"} & set(stats)  # lse and max_prob cost nothing extra
+    if positions is not None and heavy:  # which query rows the statistics are wanted for, as a [B, T] flag
         rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.int8, device=q.device)
         rows.scatter_(1, positions, 1)
     out, lse2, ent, maxp, cls, same = ops.capture_attention_fwd(

@@ -15,7 +15,7 @@ On a CUDA machine (the default there) the providers are:
                             where the installed torch offers them)
 
 On CPU (the default without CUDA) it compares the package's reference path with all
-statistics (``reference+all``, query-chunked) against ``eager+stats``; ``--providers``
+statistics (``reference+all``: SDPA plus one pass over the score rows) against ``eager+stats``; ``--providers``
 picks any subset anywhere (the Triton kernel on CPU needs ``TRITON_INTERPRET=1``).
 
     python -m benchmarks.kernels.attention                      # full sweep on this machine
