@@ -28,7 +28,8 @@ class ICLCallback(L.Callback):
         tag: tells apart two callbacks of one class in a Trainer (e.g. two splits): files,
             logged names and checkpoint state use ``<name>_<tag>`` instead of ``<name>``.
 
-    Every run appends a record to ``history`` (saved with the checkpoint), to
+    A step is measured at most once: when ``every_n_steps`` and a validation fall on the same
+    step, the one record serves both. Every run appends a record to ``history`` (saved with the checkpoint), to
     ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's loggers. At the end of the
     fit (or of a stand-alone validation) the latest record is drawn to
     ``<log_dir>/figures/<name>.png`` and to TensorBoard when it is a logger.
@@ -89,7 +90,7 @@ class ICLCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._last_step != step:
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -106,6 +107,8 @@ class ICLCallback(L.Callback):
         return self.history[-1]["step"] if self.history else None
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_step == trainer.global_step and trainer.state.fn == "fit":
+            return  # a step is measured once, also when every_n_steps and a validation fall on it
         was_training = pl_module.training
         pl_module.eval()
         try:

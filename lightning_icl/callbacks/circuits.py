@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_icl.interventions import ABLATIONS, ablate_with, ablation_effects, gate_gradients
+from lightning_icl.interventions import ABLATIONS, ablation_effects, head_attribution
 
 from .base import ICLCallback
 
@@ -45,8 +45,9 @@ class CircuitOverlap(ICLCallback):
     in-distribution split), else loaders grouped by the part of their batches' ``split`` before
     a ``/``. The effect of a head is the mean answer-loss increase when it is ablated
     (``score="ablation"``, ``mode`` zero/mean/resample, via
-    :func:`~lightning_icl.interventions.ablation_effects`) or its first-order estimate
-    ``-dL/dg`` (``score="attribution"``, one backward per batch).
+    :func:`~lightning_icl.interventions.ablation_effects`) or its estimate from integrated
+    gradients along each head's gate (``score="attribution"``, ``attribution_steps`` points, via
+    :func:`~lightning_icl.interventions.head_attribution`).
 
     Logs ``circuits/jaccard/<a>__<b>`` for every pair of families, ``circuits/shared_over_union``
     (heads in every family's set over heads in any), and ``circuits/rank_corr/<a>__<b>`` (Spearman
@@ -59,6 +60,7 @@ class CircuitOverlap(ICLCallback):
             of GPT-2 Medium's heads; small models need a larger share).
         score: ``"ablation"`` or ``"attribution"``.
         mode: the ablation (``"zero"``, ``"mean"``, ``"resample"``).
+        attribution_steps: integration points of ``score="attribution"``.
         every_n_steps, on_validation, num_batches, tag: see :class:`ICLCallback` (``num_batches``
             per loader).
     """
@@ -71,12 +73,16 @@ class CircuitOverlap(ICLCallback):
         top_fraction: float = 0.25,
         score: str = "ablation",
         mode: str = "mean",
+        attribution_steps: int = 2,
         every_n_steps: int | None = None,
         on_validation: bool = True,
         num_batches: int = 1,
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, tag=tag)
+        if attribution_steps < 1:
+            raise ValueError(f"attribution_steps must be >= 1, got {attribution_steps}")
+        self.attribution_steps = attribution_steps
         if not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
         if score not in SCORES:
@@ -125,7 +131,7 @@ class CircuitOverlap(ICLCallback):
                 if self.score == "ablation":
                     effect = ablation_effects(adapter, batch, self.mode).loss_effect
                 else:
-                    effect = -gate_gradients(adapter, batch, ablate_with(adapter, batch, self.mode)).double()
+                    effect = head_attribution(adapter, batch, self.mode, "integrated", self.attribution_steps)
                 sums[:n] += effect.flatten().to(sums) * count
                 sums[n] += count
         sums = trainer.strategy.reduce(sums, reduce_op="sum")

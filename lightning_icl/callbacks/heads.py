@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_icl.interventions import ABLATIONS, ablation_effects
+from lightning_icl.interventions import ABLATIONS, ablation_effects, head_attribution
 
 from .base import ICLCallback, heatmap
 
@@ -76,37 +76,87 @@ class HeadAblation(ICLCallback):
             "clean_acc": float(mean[2 * n + 1]) if has_acc else None,
             "top_heads": _top_heads(loss, self.top_k),
         }
+        record.update(
+            _agreement_with(trainer, self, HeadAttribution, "loss_effect_estimate", loss, trainer.global_step)
+        )
         return record
 
     def scalars(self, record):
         out = {"clean_loss": record["clean_loss"], "top1": record["top_heads"][0][2]}
         for layer, row in enumerate(record["loss_effect"]):
             out.update({f"L{layer}H{head}": v for head, v in enumerate(row)})
+        if record.get("rank_agreement") is not None:
+            out["rank_agreement"] = record["rank_agreement"]
         return out
 
     def figure(self, record):
         return heatmap(record["loss_effect"], f"{self.mode} ablation at step {record['step']}", "loss increase (nats)")
 
 
-class HeadAttribution(ICLCallback):
-    """First-order ablation effect of every head from the training step's own backward.
+ATTRIBUTION_CALLBACK_METHODS = ("integrated", "gradient", "training")
 
-    Gates ``g = 1`` (``[L, H]``, requiring grad) multiply each head's output in the
-    training forward; after each backward ``-dL/dg`` (the linearised loss change of removing
-    the head) is accumulated, and every ``every_n_steps`` (and at validation) the average
-    since the last report is recorded. No extra forward. Under DDP the ranks' averages are averaged.
+
+class HeadAttribution(ICLCallback):
+    """Estimated ablation effect of every head from gradients with respect to head gates, ``[L, H]``.
+
+    ``method="integrated"`` (default) and ``"gradient"`` run
+    :func:`~lightning_icl.interventions.head_attribution` on held-out batches at each
+    measurement: integrated gradients along each head's gate from 1 to 0 with ``steps``
+    points, which tends to the real ablation effect and ranks heads like it (Spearman 0.97–1.00
+    against real mean ablation on the quickstart model and a 4-layer one), or the one-backward
+    first-order estimate at the clean point, which a trained model's saturated softmax drives
+    to zero (Spearman −0.07 to 0.83 on the same models). ``method="training"`` is the free
+    variant: gates ``g = 1`` in every training forward, ``-dL/dg`` accumulated after each
+    backward and averaged since the last record: zero ablation, training batches, no extra
+    forward, and the same first-order limits.
+
+    When a :class:`HeadAblation` is measured at the same step, the Spearman rank correlation
+    between its loss effects and these estimates is logged as ``rank_agreement`` by whichever
+    of the two records second. Under DDP the ranks' averages are averaged.
+
+    Args:
+        method: ``"integrated"``, ``"gradient"`` or ``"training"``.
+        mode: the ablation estimated (``"zero"``, ``"mean"``, ``"resample"``); ``"training"``
+            estimates zero ablation only.
+        steps: integration points of ``"integrated"`` (each costs about three ablation passes).
+        top_k: heads listed in the record.
+        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
     """
 
     name = "attribution"
 
-    def __init__(self, every_n_steps: int | None = 50, on_validation: bool = True, top_k: int = 5) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches=1, dataloader_idx=0)
-        self.top_k = top_k
+    def __init__(
+        self,
+        method: str = "integrated",
+        mode: str = "mean",
+        steps: int = 2,
+        top_k: int = 5,
+        every_n_steps: int | None = None,
+        on_validation: bool = True,
+        num_batches: int = 1,
+        dataloader_idx: int = 0,
+        tag: str | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
+        if method not in ATTRIBUTION_CALLBACK_METHODS:
+            raise ValueError(f"method must be one of {ATTRIBUTION_CALLBACK_METHODS}, got {method!r}")
+        if mode not in ABLATIONS:
+            raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
+        if method == "training" and mode != "zero":
+            raise ValueError(f"method='training' estimates zero ablation only; got mode={mode!r} (use mode='zero')")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.method, self.mode, self.steps, self.top_k = method, mode, steps, top_k
         self._gates: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._count = 0
 
+    # ---- the training-step variant ----------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.method != "training":
+            return
         adapter = self.adapter(pl_module)
         if self._gates is None or self._gates.device != pl_module.device:
             self._gates = torch.ones(adapter.n_layers, adapter.n_heads, device=pl_module.device, requires_grad=True)
@@ -120,27 +170,83 @@ class HeadAttribution(ICLCallback):
             self._gates.grad = None
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.adapter(pl_module).set_training_gates(None)
+        if self.method == "training":
+            self.adapter(pl_module).set_training_gates(None)
 
     def _run(self, trainer, pl_module) -> None:
-        if self._count:  # nothing to report before the first backward
+        if self.method != "training" or self._count:  # the training variant has nothing before a backward
             super()._run(trainer, pl_module)
 
+    # ---- measuring ----------------------------------------------------------------------------
     def measure(self, trainer, pl_module) -> dict[str, Any]:
-        mean = trainer.strategy.reduce(self._sum / self._count, reduce_op="mean")
+        if self.method == "training":
+            mean = trainer.strategy.reduce(self._sum / self._count, reduce_op="mean")
+            batches = self._count
+            self._sum, self._count = None, 0
+        else:
+            adapter = self.adapter(pl_module)
+            total, batches = None, 0
+            for batch in self.eval_batches(trainer, pl_module):
+                est = head_attribution(adapter, batch, self.mode, self.method, self.steps)
+                total = est if total is None else total + est
+                batches += 1
+            mean = trainer.strategy.reduce(total / batches, reduce_op="mean")
         record = {
+            "method": self.method,
+            "mode": self.mode,
+            "steps": self.steps if self.method == "integrated" else None,
             "loss_effect_estimate": mean.tolist(),
-            "batches": self._count,
+            "batches": batches,
             "top_heads": _top_heads(mean, self.top_k),
         }
-        self._sum, self._count = None, 0
+        record.update(_agreement_with(trainer, self, HeadAblation, "loss_effect", mean, trainer.global_step))
         return record
 
     def scalars(self, record):
         out = {}
         for layer, row in enumerate(record["loss_effect_estimate"]):
             out.update({f"L{layer}H{head}": v for head, v in enumerate(row)})
+        if record.get("rank_agreement") is not None:
+            out["rank_agreement"] = record["rank_agreement"]
         return out
 
     def figure(self, record):
-        return heatmap(record["loss_effect_estimate"], f"-dL/dgate at step {record['step']}", "estimated loss increase")
+        what = {"integrated": f"integrated gradients ({record.get('steps')} steps)", "gradient": "-dL/dgate at 1",
+                "training": "-dL/dgate, training steps"}.get(record.get("method"), "-dL/dgate")  # fmt: skip
+        return heatmap(
+            record["loss_effect_estimate"],
+            f"{what}, {record.get('mode', 'zero')} ablation, step {record['step']}",
+            "estimated loss increase (nats)",
+        )
+
+    # ---- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.method == "training":  # the running sums feed the next record
+            state.update(running_sum=None if self._sum is None else self._sum.cpu(), running_count=self._count)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("running_sum") is not None:
+            self._sum, self._count = state_dict["running_sum"], int(state_dict.get("running_count", 0))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two same-sized tensors (ties broken by position)."""
+    rank = lambda x: x.flatten().double().argsort().argsort().double()
+    ra, rb = rank(a), rank(b)
+    if ra.numel() < 2:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def _agreement_with(trainer, me, partner_type, partner_field: str, mine: torch.Tensor, step: int) -> dict[str, Any]:
+    """``rank_agreement`` with the latest record of a partner callback measured at this same step, if any."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, partner_type) and callback is not me and callback.history:
+            last = callback.history[-1]
+            if last["step"] == step and callback.dataloader_idx == me.dataloader_idx:
+                theirs = torch.tensor(last[partner_field if partner_field in last else "loss_effect_estimate"])
+                return {"rank_agreement": spearman(theirs, mine.cpu()), "rank_agreement_with": callback.key}
+    return {}

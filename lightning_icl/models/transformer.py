@@ -371,7 +371,8 @@ class ICLTransformer(nn.Module):
 
         Returns:
             ``(clean, variants)``: ``[B, T', ...]`` and ``[N, B, T', ...]`` outputs, with
-            ``T' = P`` when ``positions`` is given, else ``T``.
+            ``T' = P`` when ``positions`` is given, else ``T``. The variants are differentiable in
+            ``head_gates`` (gradients of a gate that stays exactly 1 in every layer are not formed).
         """
         b, t = inputs.shape[:2]
         if t > self.max_seq_len:
@@ -418,7 +419,8 @@ class ICLTransformer(nn.Module):
             if joining:
                 w = block.attn.proj.weight.view(-1, b_h, self.head_dim)  # [D, H, Dh]
                 per_head = torch.einsum("bhtk,dhk->hbtd", diff, w)  # each head's contribution, less mu's
-                dg = (plan[joining, i] - 1).to(device=per_head.device, dtype=per_head.dtype, non_blocking=True)
+                # from the device gates, not the host plan, so the pass is differentiable in them
+                dg = (head_gates[joining, i] - 1).to(per_head.dtype)
                 delta = torch.einsum("jh,hbtd->jbtd", dg, per_head).flatten(0, 1)
                 h = torch.cat([h + a, (h[:b] + a[:b]).repeat(len(joining), 1, 1) + delta])
                 members += joining
