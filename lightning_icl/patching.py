@@ -12,12 +12,14 @@ Two interventions at the *final query* (the token before a sequence's last answe
   the *indirect effect* of a head is how much that restores the answer.
 
 Both work through an :class:`~lightning_icl.adapters.Adapter` and forward hooks on the modules
-it names; zero-shot and shuffled-answer prompts are built from :class:`~lightning_icl.tasks.ICLBatch`.
+it names; zero-shot and shuffled-answer prompts are built from batches in either ICL layout: an
+:class:`~lightning_icl.tasks.ICLBatch`, or a Hugging Face causal-LM dict (``input_ids`` and
+``labels`` with -100 everywhere but the answers, as ``ICLBatch.as_causal_lm`` makes them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 
@@ -42,43 +44,79 @@ def final_scores(adapter: Adapter, outputs: Tensor, batch) -> tuple[Tensor, Tens
 
 
 # ---- building prompts ---------------------------------------------------------------------
-def zero_shot(batch: ICLBatch) -> ICLBatch:
+PROMPT_LAYOUTS = "an ICLBatch or a causal-LM dict with 'input_ids' and 'labels' (-100 but at the answers)"
+
+
+def _is_causal_lm(batch) -> bool:
+    return isinstance(batch, Mapping) and "input_ids" in batch and "labels" in batch
+
+
+def check_prompt_layout(batch) -> None:
+    """Raise ``ValueError`` unless zero-shot and shuffled prompts can be built from ``batch``."""
+    if not (isinstance(batch, ICLBatch) or _is_causal_lm(batch)):
+        raise ValueError(f"prompts are built from {PROMPT_LAYOUTS}; got a {type(batch).__name__}")
+
+
+def _answers(batch) -> Tensor:
+    """``[B, P]`` index of each answer token in the sequence (the input right after a scored position)."""
+    if isinstance(batch, ICLBatch):
+        return batch.scored_positions() + 1
+    scored = batch["labels"] != -100
+    counts = scored.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("prompts need the same number of answers in every sequence")
+    idx = torch.arange(scored.shape[1], device=scored.device).expand_as(scored)
+    return idx[scored].view(scored.shape[0], -1)
+
+
+def zero_shot(batch):
     """The final query alone: every token after the second-to-last answer, so no demonstrations."""
-    positions = batch.scored_positions()
-    if positions.shape[1] < 2:
+    check_prompt_layout(batch)
+    answers = _answers(batch)
+    if answers.shape[1] < 2:
         return batch
-    start = positions[:, -2] + 2  # the answer of scored position p is the input at p + 1
+    start = answers[:, -2] + 1
     if not bool((start == start[0]).all()):
         raise ValueError("zero_shot needs the final example to start at the same position in every sequence")
     s = int(start[0])
-    return replace(
-        batch,
-        inputs=batch.inputs[:, s:],
-        targets=batch.targets[:, s:],
-        mask=batch.mask[:, s:],
-        shot=batch.shot[:, s:],
-        token_class=batch.token_class[:, s:],
-    )
+    if isinstance(batch, ICLBatch):
+        return replace(
+            batch,
+            inputs=batch.inputs[:, s:],
+            targets=batch.targets[:, s:],
+            mask=batch.mask[:, s:],
+            shot=batch.shot[:, s:],
+            token_class=batch.token_class[:, s:],
+        )
+    seq = batch["input_ids"].shape[1]
+    per_token = lambda v: isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == seq
+    return {k: v[:, s:] if per_token(v) else v for k, v in batch.items()}
 
 
-def shuffle_answers(batch: ICLBatch, generator: torch.Generator | None = None) -> ICLBatch:
+def shuffle_answers(batch, generator: torch.Generator | None = None):
     """Demonstration answers permuted across the shots of each sequence (the query is untouched).
 
     The answer of shot ``k`` is the input token (or vector) right after the ``k``-th scored
     position; a random permutation per sequence moves them, and the scored targets follow.
     """
-    positions = batch.scored_positions()  # [B, P]
-    b, p = positions.shape
-    demos = positions[:, :-1] + 1  # where each demonstration's answer sits in the inputs
+    check_prompt_layout(batch)
+    answers = _answers(batch)  # [B, P]
+    b, p = answers.shape
     if p < 3:
         return batch
-    perm = torch.rand(b, p - 1, generator=generator).argsort(dim=1).to(positions.device)
+    demos = answers[:, :-1]  # where each demonstration's answer sits in the inputs
+    perm = torch.rand(b, p - 1, generator=generator).argsort(dim=1).to(answers.device)
     source = torch.gather(demos, 1, perm)
-    rows = torch.arange(b, device=positions.device)[:, None]
-    inputs, targets = batch.inputs.clone(), batch.targets.clone()
-    inputs[rows, demos] = batch.inputs[rows, source]
-    targets[rows, positions[:, :-1]] = batch.targets[rows, source - 1]
-    return replace(batch, inputs=inputs, targets=targets)
+    rows = torch.arange(b, device=answers.device)[:, None]
+    if isinstance(batch, ICLBatch):
+        inputs, targets = batch.inputs.clone(), batch.targets.clone()
+        inputs[rows, demos] = batch.inputs[rows, source]
+        targets[rows, demos - 1] = batch.targets[rows, source - 1]
+        return replace(batch, inputs=inputs, targets=targets)
+    input_ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
+    input_ids[rows, demos] = batch["input_ids"][rows, source]
+    labels[rows, demos] = batch["labels"][rows, source]
+    return {**batch, "input_ids": input_ids, "labels": labels}
 
 
 # ---- hooks ------------------------------------------------------------------------------------
@@ -227,7 +265,7 @@ def concept_patching(
     for a position that holds no token of its own: where the final query is an input token, as in
     modular arithmetic, it also erases that token). Rows whose concept has no mean are left out; the
     "other" concept of a row is the next concept (cyclically) among those with a mean. Zero-shot
-    prompts need an :class:`ICLBatch`.
+    prompts need a batch in one of the ICL layouts (:func:`check_prompt_layout`).
     """
     if method not in PATCH_METHODS:
         raise ValueError(f"method must be one of {PATCH_METHODS}, got {method!r}")
@@ -252,8 +290,6 @@ def concept_patching(
 
     prompts = {"clean": batch}
     if zero_shot_prompts:
-        if not isinstance(batch, ICLBatch):
-            raise ValueError("zero-shot prompts are built from ICLBatch batches; pass zero_shot_prompts=False")
         prompts["zero_shot"] = zero_shot(batch)
     n_layers = len(means.layers)
     loss: dict[str, Tensor] = {}
@@ -306,7 +342,7 @@ class FunctionVectorResult:
 @torch.no_grad()
 def function_vector_effects(
     adapter: Adapter,
-    batch: ICLBatch,
+    batch,
     head_means: Tensor,
     heads_per_forward: int | None = None,
     generator: torch.Generator | None = None,
@@ -315,14 +351,13 @@ def function_vector_effects(
     (``head_means`` ``[L, H, Dh]``, e.g. from :func:`query_head_means`) patched into prompts whose
     demonstration answers are shuffled. All heads go in one forward over the batch replicated per
     head (``heads_per_forward`` bounds it)."""
-    if not isinstance(batch, ICLBatch):
-        raise ValueError("function_vector_effects shuffles answers of ICLBatch batches")
+    check_prompt_layout(batch)
     n_l, n_h = adapter.n_layers, adapter.n_heads
     if tuple(head_means.shape) != (n_l, n_h, adapter.head_dim):
         expected = (n_l, n_h, adapter.head_dim)
         raise ValueError(f"head_means must be [L, H, Dh] = {expected}, got {tuple(head_means.shape)}")
     shuffled = shuffle_answers(batch, generator)
-    b = len(shuffled)
+    b = adapter.batch_size(shuffled)
     base_loss, base_prob = final_scores(adapter, adapter.forward(shuffled)[0], shuffled)
     heads = [(layer, head) for layer in range(n_l) for head in range(n_h)]
     per = len(heads) if heads_per_forward is None else heads_per_forward

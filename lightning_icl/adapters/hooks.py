@@ -192,6 +192,7 @@ class HookAdapter(Adapter):
         """
         input_ids = batch["input_ids"]
         b, t = input_ids.shape[:2]
+        self._check_spec(capture)
         gates = self._check_gates(head_gates, b)
         if gates is not None:
             self._check_ablate_with(ablate_with, t)
@@ -212,6 +213,22 @@ class HookAdapter(Adapter):
         if logits is None:
             raise TypeError(f"model returned {type(out).__name__}; expected a logits tensor or an object with .logits")
         return logits, state.capture
+
+    def _check_spec(self, spec: CaptureSpec | None) -> None:
+        """Hooks see head outputs and block outputs only: what they cannot capture is an error, not ``{}``."""
+        if spec is None:
+            return
+        if spec.stats:
+            raise ValueError(
+                f"CaptureSpec(stats={spec.stats}) needs the package's attention (its statistics come from the "
+                f"attention pass); {type(self).__name__} hooks a model with attention of its own and can capture "
+                "heads and residual only"
+            )
+        if spec.qk:
+            raise ValueError(
+                f"CaptureSpec(qk=True) needs the package's attention; {type(self).__name__} can capture heads and "
+                "residual only"
+            )
 
     def _check_gates(self, gates: Tensor | None, batch: int) -> Tensor | None:
         if gates is None:
@@ -311,6 +328,7 @@ class HookAdapter(Adapter):
     # ---- hooks into the training step -------------------------------------------------
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
         """Record ``spec`` in every later forward of the model (``None`` stops and drops the last one)."""
+        self._check_spec(spec)
         self._train.spec = spec
         self._train.layers = frozenset(spec.resolve_layers(self.n_layers)) if spec is not None else frozenset()
         self._train.capture = None

@@ -35,13 +35,19 @@ class AttentionStatistics(ICLCallback):
         self.stats, self.previous_token = tuple(stats), previous_token
         self._armed = False
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        adapter = self.adapter(pl_module)
+    needs_held_out = False  # it reads the training step itself
+
+    def check(self, trainer, pl_module, adapter, batch) -> None:
         if not adapter.native_stats:
             self.warn_once(
                 f"AttentionStatistics needs the fused attention of lightning_icl models; "
                 f"{type(pl_module).__name__} does not use it, so no attention statistics are recorded"
             )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        adapter = self.adapter(pl_module)
+        if not adapter.native_stats:
+            self.check(trainer, pl_module, adapter, None)
             return
         # the step about to run is optimizer step global_step + 1
         self._armed = (trainer.global_step + 1) % self.every_n_steps == 0

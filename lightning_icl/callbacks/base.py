@@ -82,6 +82,50 @@ class ICLCallback(L.Callback):
     def state_key(self) -> str:
         return type(self).__qualname__ if self.tag is None else f"{type(self).__qualname__}[{self.tag}]"
 
+    # ---- checks before the run ------------------------------------------------------------
+    needs_held_out = True
+    """Whether the callback evaluates held-out batches (``False``: it reads the training step)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Fail when the run starts, not at the first measurement: the model needs an adapter, the
+        held-out data must exist and have the layout the measurement reads, and the arguments
+        must fit the model. Raises ``ValueError`` naming what does not fit."""
+        if stage not in ("fit", "validate"):
+            return
+        adapter = self.adapter(pl_module)
+        batch = None
+        if self.needs_held_out and (self.on_validation or self.every_n_steps):
+            loaders = self.validation_loaders(trainer)
+            if self.dataloader_idx >= len(loaders):
+                raise ValueError(
+                    f"{type(self).__name__}: dataloader_idx={self.dataloader_idx} but there are "
+                    f"{len(loaders)} validation loaders"
+                )
+            batch = next(iter(loaders[self.dataloader_idx]), None)
+            if batch is None:
+                raise ValueError(f"{type(self).__name__}: validation loader {self.dataloader_idx} is empty")
+            try:
+                adapter.answer_positions(batch)
+            except (KeyError, AttributeError, TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{type(self).__name__} cannot find the answers in the held-out batches of "
+                    f"{type(pl_module).__name__} (a {type(batch).__name__}): {err}"
+                ) from err
+        self.check(trainer, pl_module, adapter, batch)
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Adapter, batch: Any) -> None:
+        """Subclasses: raise ``ValueError`` naming the argument that cannot work with this model
+        or data. ``batch`` is the first held-out batch (``None`` when none is read)."""
+
+    def held_out_points(self, trainer: L.Trainer, adapter: Adapter, batch: Any) -> int:
+        """How many sequences the first ``num_batches`` held-out batches hold (from the first one's size)."""
+        loader = self.validation_loaders(trainer)[self.dataloader_idx]
+        try:
+            batches = min(self.num_batches, len(loader))
+        except TypeError:  # a loader without a length
+            batches = self.num_batches
+        return batches * adapter.batch_size(batch)
+
     # ---- cadence ------------------------------------------------------------------------
     def adapter(self, pl_module: L.LightningModule) -> Adapter:
         if self._adapter is None or self._adapter.module is not pl_module:

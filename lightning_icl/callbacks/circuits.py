@@ -121,6 +121,9 @@ class CircuitOverlap(ICLCallback):
                 raise ValueError(f"families[{name!r}] names loader {max(idxs)} but there are {len(loaders)}")
         return found
 
+    def check(self, trainer, pl_module, adapter, batch) -> None:
+        self.family_loaders(trainer)  # raises when fewer than two families can be found
+
     def _family_effect(self, trainer, pl_module, loader_ids: list[int]) -> torch.Tensor:
         adapter = self.adapter(pl_module)
         n = adapter.n_layers * adapter.n_heads

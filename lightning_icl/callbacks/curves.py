@@ -47,6 +47,10 @@ class ICLCurves(ICLCallback):
         self.by_concept = by_concept
         self._from_validation: dict[int, _Sums] = {}  # sums read from the running validation pass
 
+    def check(self, trainer, pl_module, adapter, batch) -> None:
+        if self.by_concept and batch is not None:
+            adapter.concept(batch)  # raises, naming the missing concept labels
+
     def on_validation_start(self, trainer, pl_module) -> None:
         self._from_validation = {}
 

@@ -8,7 +8,13 @@ import torch
 
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.metrics import ConceptDecodability as DecodabilityMetric
-from lightning_icl.metrics.functional import DISTANCES, concept_decodability, ridge_probe_accuracy, stratified_halves
+from lightning_icl.metrics.functional import (
+    DISTANCES,
+    concept_decodability,
+    decodability_baselines,
+    ridge_probe_accuracy,
+    stratified_halves,
+)
 
 from .base import ICLCallback, heatmap
 
@@ -18,12 +24,25 @@ class ConceptDecodability(ICLCallback):
 
     Features are the residual stream after each block at the token before the last
     answer of each held-out sequence. Logs ``decodability/layer_<l>``, ``decodability/peak``,
-    ``decodability/peak_layer`` (and ``decodability/probe_layer_<l>`` with ``probe``);
-    the record also holds CD per concept at the peak layer. Under DDP the features of all
-    ranks are gathered first, so every rank computes the single-process value.
+    ``decodability/peak_layer``, ``decodability/chance`` and ``decodability/permutation_layer_<l>``
+    (and ``decodability/probe_layer_<l>`` with ``probe``); the record also holds CD per
+    concept at the peak layer. Under DDP the features of all ranks are gathered first, so
+    every rank computes the single-process value.
+
+    What a CD value is compared against (see
+    :func:`~lightning_icl.metrics.functional.decodability_baselines`): ``chance`` (the
+    majority-concept rate, 1/C for balanced concepts); ``cd_permutation`` and
+    ``cd_permutation_high`` per layer, the mean and 95% quantile of CD after shuffling the
+    labels among the points (what this many points reach with no concept information: on few
+    points it sits above chance); ``p_value`` per layer; and ``cd_interval``, a 95% bootstrap
+    interval over points. A layer decodes the concept when its CD clears
+    ``cd_permutation_high``, not merely chance.
 
     Args:
-        k: neighbours; distance: ``"euclidean"`` or ``"cosine"``.
+        k: neighbours (at most the number of held-out points minus one, checked when the fit
+            starts); distance: ``"euclidean"`` or ``"cosine"``.
+        permutations: label shuffles of the permutation baseline (0: none).
+        bootstrap: resamples of the interval (0: none).
         probe: also fit a closed-form ridge probe on half the points and score it on the other half.
         by_shot: also measure CD at the token before *every* answer, so after 0, 1, ... examples
             (``cd_by_shot`` ``[L][shots]``; Han et al.'s decodability growing with the shots).
@@ -38,6 +57,8 @@ class ConceptDecodability(ICLCallback):
         distance: str = "euclidean",
         probe: bool = False,
         by_shot: bool = False,
+        permutations: int = 100,
+        bootstrap: int = 1000,
         every_n_steps: int | None = None,
         on_validation: bool = True,
         num_batches: int = 4,
@@ -49,7 +70,21 @@ class ConceptDecodability(ICLCallback):
             raise ValueError(f"k must be >= 1, got {k}")
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        if permutations < 0 or bootstrap < 0:
+            raise ValueError(f"permutations and bootstrap must be >= 0, got {permutations} and {bootstrap}")
         self.k, self.distance, self.probe, self.by_shot = k, distance, probe, by_shot
+        self.permutations, self.bootstrap = permutations, bootstrap
+
+    def check(self, trainer, pl_module, adapter, batch) -> None:
+        if batch is None:
+            return
+        adapter.concept(batch)  # raises, naming the missing concept labels
+        points = self.held_out_points(trainer, adapter, batch)
+        if self.k > points - 1:
+            raise ValueError(
+                f"ConceptDecodability: k={self.k} neighbours but the {self.num_batches} held-out batch(es) hold "
+                f"{points} points, so each has {points - 1} others: lower k or raise num_batches"
+            )
 
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, Any]:
@@ -76,7 +111,21 @@ class ConceptDecodability(ICLCallback):
             "concepts": concepts.tolist(),
             "cd_per_concept_at_peak": per_concept[peak].tolist(),
             "num_points": int(labels.numel()),
+            "k": self.k,
         }
+        if self.permutations or self.bootstrap:
+            # the same seed at every measurement, so the baselines move only with the features
+            base = decodability_baselines(
+                layers, labels, self.k, self.distance, max(self.permutations, 1), max(self.bootstrap, 1),
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+            record["chance"] = float(base["chance"])
+            if self.permutations:
+                record["cd_permutation"] = base["permutation_mean"].tolist()
+                record["cd_permutation_high"] = base["permutation_high"].tolist()
+                record["p_value"] = base["p_value"].tolist()
+            if self.bootstrap:
+                record["cd_interval"] = base["interval"].tolist()
         if self.by_shot:
             per_shot = grid.permute(0, 2, 1, 3).flatten(0, 1)  # [L * P, N, D]
             by_shot = concept_decodability(per_shot, labels, self.k, self.distance)
@@ -93,6 +142,9 @@ class ConceptDecodability(ICLCallback):
         out = {f"layer_{i}": v for i, v in enumerate(record["cd"])}
         out.update(peak=record["peak"], peak_layer=record["peak_layer"])
         out.update({f"probe_layer_{i}": v for i, v in enumerate(record.get("probe", []))})
+        out.update({f"permutation_layer_{i}": v for i, v in enumerate(record.get("cd_permutation_high", []))})
+        if "chance" in record:
+            out["chance"] = record["chance"]
         return out
 
     def figure(self, record):

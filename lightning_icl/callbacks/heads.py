@@ -153,6 +153,10 @@ class HeadAttribution(ICLCallback):
         self._sum: torch.Tensor | None = None
         self._count = 0
 
+    @property
+    def needs_held_out(self) -> bool:  # the training variant reads the training steps
+        return self.method != "training"
+
     # ---- the training-step variant ----------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.method != "training":

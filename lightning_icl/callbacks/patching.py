@@ -9,12 +9,12 @@ import torch
 from lightning_icl.patching import (
     PATCH_METHODS,
     ConceptMeans,
+    check_prompt_layout,
     concept_means,
     concept_patching,
     function_vector_effects,
     query_head_means,
 )
-from lightning_icl.tasks.batch import ICLBatch
 
 from .base import ICLCallback, reduce_padded
 
@@ -78,12 +78,34 @@ class ConceptPatching(ICLCallback):
             (means if i % 2 == 0 else patched).append(batch)
         return means, patched
 
+    def check(self, trainer, pl_module, adapter, batch) -> None:
+        n_l = adapter.n_layers
+        bad = [x for x in self.layers or [] if not -n_l <= x < n_l]
+        if bad:
+            raise ValueError(f"ConceptPatching: layers {bad} out of range for a model with {n_l} layers")
+        if batch is not None:
+            adapter.concept(batch)  # raises, naming the missing concept labels
+            if self.zero_shot or self.function_vectors:
+                try:
+                    check_prompt_layout(batch)
+                except ValueError as err:
+                    raise ValueError(
+                        f"ConceptPatching(zero_shot={self.zero_shot}, function_vectors={self.function_vectors}): "
+                        f"{err}; or set both to False"
+                    ) from err
+        if batch is not None:
+            loader = self.validation_loaders(trainer)[self.dataloader_idx]
+            length = len(loader) if hasattr(loader, "__len__") else None
+            if length is not None and length < 2:
+                raise ValueError(
+                    f"ConceptPatching needs at least 2 held-out batches (one for the means, one to patch); "
+                    f"validation loader {self.dataloader_idx} has {length}"
+                )
+
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, Any]:
         adapter = self.adapter(pl_module)
         mean_batches, patch_batches = self._batches(trainer, pl_module)
-        if patch_batches and not all(isinstance(b, ICLBatch) for b in patch_batches):
-            raise ValueError(f"{type(self).__name__} builds zero-shot and shuffled prompts from ICLBatch batches")
         device = pl_module.device
         n_l = adapter.n_layers
         layers = list(range(n_l)) if self.layers is None else sorted({x % n_l for x in self.layers})

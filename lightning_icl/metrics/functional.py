@@ -12,31 +12,61 @@ from torch import Tensor
 DISTANCES = ("euclidean", "cosine")
 
 
-def knn_predict(features: Tensor, labels: Tensor, k: int = 10, distance: str = "euclidean") -> Tensor:
-    """Leave-one-out k-nearest-neighbour majority vote: ``[N]`` predicted labels.
+def _check_k(k: int, n: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > n - 1:
+        raise ValueError(
+            f"k={k} neighbours but only {n - 1} other points to vote (N = {n}): lower k or evaluate more points"
+        )
 
-    Each point's own label is never used for it. Ties between labels go to the label
-    whose votes rank closer. ``k`` is capped at ``N - 1``.
-    """
+
+def knn_neighbours(features: Tensor, k: int = 10, distance: str = "euclidean") -> Tensor:
+    """``[N, k]`` indices of each point's ``k`` nearest other points, closest first (leave-one-out)."""
     n = features.shape[0]
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if n < 2:
         raise ValueError(f"leave-one-out kNN needs at least 2 points, got {n}")
+    _check_k(k, n)
     x = features.double()
     if distance == "cosine":
         x = torch.nn.functional.normalize(x, dim=1)
     dist = torch.cdist(x, x)  # [N, N]
     dist.fill_diagonal_(float("inf"))
-    k = min(k, n - 1)
-    nearest = dist.topk(k, dim=1, largest=False).indices  # [N, k], closest first
+    return dist.topk(k, dim=1, largest=False).indices
+
+
+def knn_vote(nearest: Tensor, labels: Tensor) -> Tensor:
+    """``[N]`` majority label of each point's neighbours ``nearest`` ``[N, k]`` (ties: the closer votes win)."""
+    n, k = nearest.shape
     classes, dense = torch.unique(labels, return_inverse=True)
-    votes = torch.zeros(n, classes.numel(), dtype=torch.float64, device=features.device)
+    votes = torch.zeros(n, classes.numel(), dtype=torch.float64, device=nearest.device)
     # a vote at rank r also carries a tie-break bonus below 1: earlier (closer) ranks weigh more
-    bonus = (k - torch.arange(k, device=features.device, dtype=torch.float64)) / (k * (k + 1))
-    weights = 1.0 + bonus.expand(n, k)
-    votes.scatter_add_(1, dense[nearest], weights)
+    bonus = (k - torch.arange(k, device=nearest.device, dtype=torch.float64)) / (k * (k + 1))
+    votes.scatter_add_(1, dense[nearest], 1.0 + bonus.expand(n, k))
     return classes[votes.argmax(dim=1)]
+
+
+def knn_predict(features: Tensor, labels: Tensor, k: int = 10, distance: str = "euclidean") -> Tensor:
+    """Leave-one-out k-nearest-neighbour majority vote: ``[N]`` predicted labels.
+
+    Each point's own label is never used for it. Ties between labels go to the label
+    whose votes rank closer. ``k`` must leave that many other points (``k <= N - 1``).
+    """
+    return knn_vote(knn_neighbours(features, k, distance), labels)
+
+
+def _layers(features: Tensor, labels: Tensor) -> tuple[Tensor, bool]:
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be [N], got shape {tuple(labels.shape)}")
+    stacked = features.dim() == 3
+    layers = features if stacked else features[None]
+    if layers.dim() != 3 or layers.shape[1] != labels.shape[0]:
+        raise ValueError(
+            f"features must be [N, D] or [L, N, D] with N = {labels.shape[0]}, got {tuple(features.shape)}"
+        )
+    return layers, stacked
 
 
 def concept_decodability(
@@ -48,7 +78,7 @@ def concept_decodability(
         features: ``[N, D]``, or ``[L, N, D]`` for L layers at once (e.g. the residual stream
             at the token before the answer).
         labels: ``[N]`` concept label of each point.
-        k: neighbours (10 in the paper); ``distance``: ``"euclidean"`` or ``"cosine"``.
+        k: neighbours (10 in the paper), at most ``N - 1``; ``distance``: ``"euclidean"`` or ``"cosine"``.
         per_concept: also return the accuracy per concept.
 
     Returns:
@@ -61,14 +91,7 @@ def concept_decodability(
         >>> concept_decodability(x, y, k=2)
         tensor(1.)
     """
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be [N], got shape {tuple(labels.shape)}")
-    stacked = features.dim() == 3
-    layers = features if stacked else features[None]
-    if layers.dim() != 3 or layers.shape[1] != labels.shape[0]:
-        raise ValueError(
-            f"features must be [N, D] or [L, N, D] with N = {labels.shape[0]}, got {tuple(features.shape)}"
-        )
+    layers, stacked = _layers(features, labels)
     correct = torch.stack([(knn_predict(x, labels, k, distance) == labels).float() for x in layers])  # [L, N]
     cd = correct.mean(dim=1)
     cd = cd if stacked else cd[0]
@@ -78,6 +101,71 @@ def concept_decodability(
     counts = torch.bincount(dense, minlength=concepts.numel()).float()
     per = torch.zeros(correct.shape[0], concepts.numel(), device=correct.device).index_add_(1, dense, correct) / counts
     return cd, concepts, per if stacked else per[0]
+
+
+def chance_level(labels: Tensor) -> float:
+    """The accuracy of always guessing the most common concept: CD's floor without information
+    (``1 / C`` for balanced concepts)."""
+    counts = torch.bincount(torch.unique(labels, return_inverse=True)[1])
+    return float(counts.max()) / labels.numel()
+
+
+def decodability_baselines(
+    features: Tensor,
+    labels: Tensor,
+    k: int = 10,
+    distance: str = "euclidean",
+    permutations: int = 100,
+    bootstrap: int = 1000,
+    level: float = 0.95,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """CD with what it should be compared against, per layer.
+
+    - ``cd`` ``[L]``: leave-one-out kNN accuracy (as :func:`concept_decodability`);
+    - ``interval`` ``[L, 2]``: a percentile bootstrap interval at ``level`` over points
+      (resampling each point's right/wrong with replacement; it treats the points' votes as
+      independent, which leave-one-out votes are not quite, so read it as the spread a new
+      sample of prompts of this size would show);
+    - ``permutation_mean`` and ``permutation_high`` ``[L]``: CD after shuffling the labels among
+      the points (same features, same neighbours, ``permutations`` shuffles), its mean and its
+      ``level`` quantile: what a layer reaches on this many points with no concept information;
+    - ``p_value`` ``[L]``: the share of shuffles that reach the observed CD (with the observed one
+      counted, so never 0);
+    - ``chance``: the majority-concept rate (:func:`chance_level`).
+
+    The neighbours are found once per layer, so each shuffle only re-votes: shuffles are cheap.
+    """
+    if permutations < 1 or bootstrap < 1:
+        raise ValueError(f"permutations and bootstrap must be >= 1, got {permutations} and {bootstrap}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    layers, _ = _layers(features, labels)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    n = labels.numel()
+    cd, interval, perm_mean, perm_high, p_value = [], [], [], [], []
+    shuffles = torch.stack([torch.randperm(n, generator=g) for _ in range(permutations)]).to(labels.device)
+    resamples = torch.randint(n, (bootstrap, n), generator=g).to(labels.device)
+    tail = (1 - level) / 2
+    for x in layers:
+        nearest = knn_neighbours(x, k, distance)
+        correct = (knn_vote(nearest, labels) == labels).double()
+        observed = correct.mean()
+        boot = correct[resamples].mean(1)
+        shuffled = torch.stack([(knn_vote(nearest, labels[s]) == labels[s]).double().mean() for s in shuffles])
+        cd.append(observed)
+        interval.append(torch.quantile(boot, torch.tensor([tail, 1 - tail], dtype=boot.dtype, device=boot.device)))
+        perm_mean.append(shuffled.mean())
+        perm_high.append(torch.quantile(shuffled, level))
+        p_value.append(((shuffled >= observed).sum() + 1) / (permutations + 1))
+    return {
+        "cd": torch.stack(cd).float(),
+        "interval": torch.stack(interval).float(),
+        "permutation_mean": torch.stack(perm_mean).float(),
+        "permutation_high": torch.stack(perm_high).float(),
+        "p_value": torch.stack(p_value).float(),
+        "chance": torch.tensor(chance_level(labels)),
+    }
 
 
 def ridge_probe_accuracy(

@@ -98,8 +98,14 @@ def test_capture_matches_hidden_states_and_projection_input(kind):
     with torch.no_grad():
         ref = model(input_ids=batch["input_ids"], output_hidden_states=True)
         seen.clear()  # keep only the adapter's run below
-        spec = CaptureSpec(residual=True, heads=True, stats=("entropy",), positions="all")
+        spec = CaptureSpec(residual=True, heads=True, positions="all")
         logits, cap = adapter.forward(batch, capture=spec)
+        # what hooks cannot see is an error, not an empty dict
+        for unsupported in (dict(stats=("entropy",)), dict(qk=True)):
+            with pytest.raises(ValueError, match="needs the package's attention"):
+                adapter.forward(batch, capture=CaptureSpec(residual=True, **unsupported))
+            with pytest.raises(ValueError, match="needs the package's attention"):
+                adapter.set_training_capture(CaptureSpec(**unsupported))
     for h in handles:
         h.remove()
 
