@@ -214,6 +214,14 @@ class ICLModule(L.LightningModule):
         if self.last_eval:
             rank_zero_info(summarize(self.last_eval))
 
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "validate" and self.last_eval:  # a stand-alone validate: its summary
+            rank_zero_info(summarize(self.last_eval))
+
+    def on_test_end(self) -> None:
+        if self.last_eval:
+            rank_zero_info(summarize(self.last_eval))
+
     # ---- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams

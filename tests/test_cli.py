@@ -115,3 +115,40 @@ def test_circuits_add_on_config_measures_overlap_between_the_families(tmp_path):
     main(["fit", *args[:1], f"--config={add_on}", *args[1:]])
     record = json.loads((tmp_path / "run" / "version_0" / "circuits.jsonl").read_text().splitlines()[-1])
     assert record["families"] == ["modular", "bitwise"]
+
+
+def test_step_based_runs_without_a_schedule_validate_ten_times():
+    from lightning_icl.cli import validation_schedule
+
+    assert validation_schedule({"max_steps": 500, "val_check_interval": 1.0, "check_val_every_n_epoch": 1}) == 50
+    assert validation_schedule({"max_steps": 5, "val_check_interval": 1.0}) == 1
+    # a schedule of the user's own, no step limit, or no validation at all: left alone
+    assert validation_schedule({"max_steps": 500, "val_check_interval": 100, "check_val_every_n_epoch": None}) is None
+    assert validation_schedule({"max_steps": -1, "val_check_interval": 1.0}) is None
+    assert validation_schedule({"max_steps": 500, "val_check_interval": 1.0, "limit_val_batches": 0}) is None
+
+
+@pytest.mark.slow
+def test_the_flag_only_command_validates_and_prints_its_summary(tmp_path, capsys, caplog, monkeypatch):
+    """The README's flag-only example gives no validation schedule: the run still validates and summarises."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit", "--model", "ICLModule", "--data", "ModularArithmeticDataModule", "--data.p", "7",
+        "--data.num_tasks", "4", "--data.batch_size", "8", "--data.num_shots", "4", "--data.num_eval_batches", "1",
+        "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--trainer.max_steps", "10",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    with caplog.at_level("INFO"):
+        main(args)
+    assert "validating every 1 steps" in capsys.readouterr().out
+    run = tmp_path / "lightning_logs" / "version_0"
+    steps = {json.loads(line)["step"] for line in (run / "icl_curves.jsonl").read_text().splitlines()}
+    assert steps == set(range(1, 11))
+    assert "ICL summary" in caplog.text
+    caplog.clear()
+    # a stand-alone validate prints the summary too, not Lightning's table repeated per loader
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    with caplog.at_level("INFO"):
+        main(["validate", f"--config={run / 'config.yaml'}", f"--ckpt_path={ckpt}", "--trainer.logger=false"])
+    out = capsys.readouterr().out
+    assert "ICL summary" in caplog.text and "Validate metric" not in out

@@ -29,8 +29,12 @@ class ICLCallback(L.Callback):
             logged names and checkpoint state use ``<name>_<tag>`` instead of ``<name>``.
 
     A step is measured at most once: when ``every_n_steps`` and a validation fall on the same
-    step, the one record serves both. Every run appends a record to ``history`` (saved with the checkpoint), to
-    ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's loggers. At the end of the
+    step, the one record serves both. Every measurement appends a record to ``history`` (saved
+    with the checkpoint), to ``<log_dir>/<name>.jsonl`` and, as scalars, to the Trainer's
+    loggers. ``log_dir`` is the logger's directory, or ``trainer.default_root_dir`` without a
+    logger. A run's first record writes the file afresh from ``history``: a new run replaces a
+    file an earlier run left in the same directory (and says so) instead of appending to it, and
+    a resumed run's file holds the records restored from its checkpoint. At the end of the
     fit (or of a stand-alone validation) the latest record is drawn to
     ``<log_dir>/figures/<name>.png`` and to TensorBoard when it is a logger.
     """
@@ -59,6 +63,7 @@ class ICLCallback(L.Callback):
         self.history: list[dict[str, Any]] = []
         self._adapter: Adapter | None = None
         self._warned: set[str] = set()
+        self._file_started = False
 
     # ---- subclasses implement -----------------------------------------------------------
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -92,6 +97,7 @@ class ICLCallback(L.Callback):
         must fit the model. Raises ``ValueError`` naming what does not fit."""
         if stage not in ("fit", "validate"):
             return
+        self._file_started = False  # this run's first record rewrites the file
         adapter = self.adapter(pl_module)
         batch = None
         if self.needs_held_out and (self.on_validation or self.every_n_steps):
@@ -209,8 +215,19 @@ class ICLCallback(L.Callback):
             if scalars:
                 logger.log_metrics(scalars, step=record["step"])
         os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, f"{self.key}.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = os.path.join(log_dir, f"{self.key}.jsonl")
+        if self._file_started:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            return
+        # The first record of a run writes the file afresh from the history (so a resumed run's file
+        # holds its restored records too): a run never appends to another run's file.
+        if os.path.exists(path) and os.path.getsize(path) and len(self.history) == 1:
+            self.warn_once(f"{type(self).__name__}: replaced {path}, left by an earlier run in the same directory")
+        with open(path, "w") as f:
+            for old in self.history:
+                f.write(json.dumps(old) + "\n")
+        self._file_started = True
 
     def _draw(self, trainer: L.Trainer) -> None:
         """The figure of the latest record (drawing is slow next to a small model's step, so once per run)."""

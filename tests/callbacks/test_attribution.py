@@ -1,5 +1,7 @@
 """Head attribution against the quantity it estimates: real ablation of each head."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -119,3 +121,26 @@ def test_training_attribution_keeps_its_running_sums_in_the_checkpoint(tmp_path)
     fresh = HeadAttribution(method="training", mode="zero")
     fresh.load_state_dict(state)
     assert fresh._count == 4 and torch.equal(fresh._sum, state["running_sum"])
+
+
+def test_a_new_run_replaces_an_earlier_runs_file_and_a_resumed_run_keeps_its_records(tmp_path):
+    """Without a logger the files go to default_root_dir; runs there never mix."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = tiny_modular()
+
+    def run(max_steps, ckpt_path=None, callbacks=()):
+        L.seed_everything(0)
+        callback = HeadAblation(every_n_steps=5, on_validation=False)
+        kwargs = trainer_kwargs(tmp_path, max_steps=max_steps, logger=False, callbacks=[callback, *callbacks])
+        L.Trainer(**kwargs).fit(tiny_module(data), data, ckpt_path=ckpt_path)
+        lines = (tmp_path / "ablation.jsonl").read_text().splitlines()
+        return callback, [json.loads(line)["step"] for line in lines]
+
+    _, first = run(10)
+    assert first == [5, 10]
+    with pytest.warns(UserWarning, match="replaced .*ablation.jsonl, left by an earlier run"):
+        _, second = run(15, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10)])
+    assert second == [5, 10, 15]  # the earlier run's 5 and 10 are gone, not repeated
+    resumed, steps = run(20, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=10.ckpt")
+    assert steps == [r["step"] for r in resumed.history] == [5, 10, 15, 20]

@@ -152,3 +152,41 @@ def test_two_processes_compute_the_single_process_value():
     single = concept_decodability(x, y, k=7).item()
     assert out[0] == out[1] == pytest.approx(single)
     assert 0.5 < single < 1.0  # neither trivial nor chance: gathering matters
+
+
+def test_k_must_leave_that_many_other_points():
+    x, y = torch.randn(8, 2), torch.arange(8) % 2
+    with pytest.raises(ValueError, match="k=10000 neighbours but only 7 other points"):
+        concept_decodability(x, y, k=10000)
+    assert 0 <= concept_decodability(x, y, k=7) <= 1  # the largest k that fits
+
+
+def test_baselines_tell_decodable_layers_from_chance_on_few_points():
+    from lightning_icl.metrics.functional import chance_level, decodability_baselines
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 4  # 16 points per concept, balanced
+    noise = torch.randn(64, 8, generator=g)
+    separable = noise * 0.1 + torch.eye(8)[y] * 3
+    base = decodability_baselines(torch.stack([noise, separable]), y, k=10, permutations=200, bootstrap=500)
+    assert chance_level(y) == base["chance"] == 0.25
+    # the noise layer: CD inside what shuffled labels reach; the separable layer far above it
+    assert base["cd"][0] <= base["permutation_high"][0] and base["p_value"][0] > 0.05
+    assert base["cd"][1] == 1.0 and base["cd"][1] > base["permutation_high"][1]
+    assert base["p_value"][1] == pytest.approx(1 / 201)  # no shuffle reaches it
+    # shuffled labels average near chance (the features carry nothing about them)
+    assert abs(base["permutation_mean"][0] - 0.25) < 0.08 and abs(base["permutation_mean"][1] - 0.25) < 0.08
+    low, high = base["interval"][0]
+    assert low <= base["cd"][0] <= high and high - low > 0.05  # 64 points: a wide interval
+    assert torch.equal(base["interval"][1], torch.tensor([1.0, 1.0]))
+    # the same generator seed gives the same baselines
+    again = decodability_baselines(torch.stack([noise, separable]), y, k=10, permutations=200, bootstrap=500)
+    assert torch.equal(again["permutation_high"], base["permutation_high"])
+    with pytest.raises(ValueError, match="level must be in"):
+        decodability_baselines(noise, y, level=1.5)
+
+
+def test_chance_is_the_majority_share_for_unbalanced_concepts():
+    from lightning_icl.metrics.functional import chance_level
+
+    assert chance_level(torch.tensor([0, 0, 0, 1])) == 0.75
