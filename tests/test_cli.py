@@ -80,7 +80,7 @@ def test_help_and_print_config(capsys):
 
 
 @pytest.mark.slow
-def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, capsys):
+def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, capsys, caplog):
     common = [
         "--data=ModularArithmeticDataModule",
         "--data.p=7",
@@ -95,10 +95,13 @@ def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, 
     main(["fit", *model, *common, "--trainer.max_steps=3"])
     ckpts = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
     assert len(ckpts) == 1
-    capsys.readouterr()
-    main(["validate", *model, *common, f"--ckpt_path={ckpts[0]}"])
-    assert "val/id_seen/acc" in capsys.readouterr().out
-    main(["test", *model, *common, f"--ckpt_path={ckpts[0]}"])
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the ICL summary of each
+        main(["validate", *model, *common, f"--ckpt_path={ckpts[0]}"])
+        assert "val/id_seen/acc" in caplog.text
+        main(["test", *model, *common, f"--ckpt_path={ckpts[0]}"])
+        assert "test/ood_unseen/loss" in caplog.text
+    main(["test", *model, *common, f"--ckpt_path={ckpts[0]}", "--verbose=true"])  # Lightning's table on request
     assert "test/ood_unseen/loss" in capsys.readouterr().out
 
 
