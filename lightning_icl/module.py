@@ -71,6 +71,8 @@ class ICLModule(L.LightningModule):
         info = task if isinstance(task, TaskInfo) else TaskInfo(**task)
         self.save_hyperparameters(ignore=["task"])
         self.hparams["task"] = info.as_dict()  # plain dict, so checkpoints and hparams.yaml stay portable
+        if getattr(self, "_hparams_initial", None) is not None:  # what loggers write (hparams.yaml): the task too
+            self._hparams_initial["task"] = info.as_dict()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:

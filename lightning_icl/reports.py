@@ -28,11 +28,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import yaml
 
 from lightning_icl.callbacks.base import draw_heatmap
 from lightning_icl.callbacks.circuits import draw_jaccard
-from lightning_icl.report import plot_icl_curves, plot_training_curves, read_curves, read_metrics_csv
+from lightning_icl.report import (
+    answer_chance,
+    hyperparameters,
+    per_shot_rows,
+    plot_icl_curves,
+    plot_training_curves,
+    read_metrics_csv,
+)
 
 PHASE_METRIC = "val/ood_unseen/acc"
 
@@ -55,42 +61,6 @@ def callback_records(run_dir: str, name: str) -> dict[str, list[dict]]:
     return found
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that reads Lightning's ``!!python/tuple`` (and other python tags) as plain data."""
-
-
-def _plain(loader: yaml.SafeLoader, suffix: str, node: yaml.Node):
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    return loader.construct_scalar(node)
-
-
-_Loader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
-
-
-def load_yaml(path: str) -> dict:
-    with open(path) as f:
-        return yaml.load(f, Loader=_Loader) or {}
-
-
-def hyperparameters(run_dir: str) -> dict:
-    """Flat hyperparameters of a run: ``hparams.yaml`` (CSVLogger) merged with ``config.yaml``'s
-    ``model``/``data`` ``init_args`` (LightningCLI)."""
-    flat: dict = {}
-    config = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(config):
-        cfg = load_yaml(config)
-        for part in ("model", "data"):
-            section = cfg.get(part) or {}
-            flat.update(section.get("init_args", section) if isinstance(section, dict) else {})
-    hparams = os.path.join(run_dir, "hparams.yaml")
-    if os.path.exists(hparams):
-        flat.update(load_yaml(hparams))
-    return flat
-
-
 def final_metrics(run_dir: str) -> dict[str, float]:
     """The last logged value of every metric in ``metrics.csv``."""
     path = os.path.join(run_dir, "metrics.csv")
@@ -108,82 +78,56 @@ def _save(fig, out: str) -> str:
 
 
 def plot_decodability(records: list[dict], out: str) -> str:
-    """Concept decodability per layer over training (heatmap) and per layer at the end."""
-    steps = [r["step"] for r in records]
-    cd = torch.tensor([r["cd"] for r in records]).T  # [L, evaluations]
-    by_shot = bool(records[-1].get("cd_by_shot"))
-    ratios = [2, 1, 1] if by_shot else [2, 1]
-    fig, axes = plt.subplots(1, len(ratios), figsize=(15 if by_shot else 11, 3.8), gridspec_kw={"width_ratios": ratios})
-    left, right = axes[:2]
-    shots_ax = axes[2] if by_shot else None
-    image = left.imshow(cd, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    left.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=90, fontsize=6)
-    left.set_yticks(range(cd.shape[0]))
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("layer")
-    left.set_title("concept decodability per layer over training", fontsize=9)
-    fig.colorbar(image, ax=left, label="leave-one-out kNN accuracy")
-    last = records[-1]
-    if shots_ax is not None:  # decodability against the number of examples seen
-        for layer, row in enumerate(last["cd_by_shot"]):
-            shots_ax.plot(range(len(row)), row, ".-", label=f"layer {layer}")
-        if last.get("concepts"):
-            shots_ax.axhline(1 / len(last["concepts"]), color="grey", ls=":", label="chance")
-        shots_ax.set_ylim(0, 1.02)
-        shots_ax.set_xlabel("shot (examples before the answer)")
-        shots_ax.set_ylabel("decodability (kNN accuracy)")
-        shots_ax.set_title(f"decodability by shot (step {last['step']})", fontsize=9)
-        shots_ax.legend(fontsize=7)
-    right.plot(range(cd.shape[0]), last["cd"], "o-", label="kNN (k-nearest neighbours)")
-    if last.get("probe"):
-        right.plot(range(cd.shape[0]), last["probe"], "s--", label="ridge probe (held out)")
-    if last.get("concepts"):
-        right.axhline(1 / len(last["concepts"]), color="grey", ls=":", label="chance")
-    right.set_ylim(0, 1.02)
-    right.set_xticks(range(cd.shape[0]))
-    right.set_xlabel("layer")
-    right.set_ylabel("decodability (accuracy)")
-    right.set_title(f"at step {last['step']} (peak: layer {last['peak_layer']})", fontsize=9)
-    right.legend(fontsize=7)
-    return _save(fig, out)
+    """Concept decodability per layer against its baselines, by shot, and over training."""
+    from lightning_icl.callbacks.decodability import decodability_figure
+
+    return _save(decodability_figure(records), out)
+
+
+ATTRIBUTION_TITLES = {
+    "integrated": "integrated gradients ({steps} steps)",
+    "gradient": "first-order gradient at the clean point",
+    "training": "first-order gradient, training steps",
+}
 
 
 def plot_head_importance(ablation: dict | None, attribution: dict | None, out: str) -> str | None:
-    """The latest ``[L, H]`` ablation effect and attribution estimate, side by side."""
-    panels = [(r, k, t) for r, k, t in (
-        (ablation, "loss_effect", "{mode} ablation: loss increase"),
-        (attribution, "loss_effect_estimate", "attribution -dL/dg (first-order estimate)"),
-    ) if r is not None]  # fmt: skip
+    """The latest ``[L, H]`` ablation effect and attribution estimate side by side, on one colour
+    scale (so that an estimate near zero looks near zero), with their rank agreement."""
+    panels = []
+    if ablation is not None:
+        panels.append((ablation["loss_effect"], f"{ablation.get('mode', 'zero')} ablation (step {ablation['step']})"))
+    if attribution is not None:
+        what = ATTRIBUTION_TITLES.get(attribution.get("method", "training"), "attribution")
+        what = what.format(steps=attribution.get("steps"))
+        panels.append((attribution["loss_effect_estimate"],
+                       f"{what}, {attribution.get('mode', 'zero')} ablation (step {attribution['step']})"))  # fmt: skip
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (record, key, title) in zip(axes[0], panels, strict=True):
-        title = title.format(mode=record.get("mode", "zero")) + f" (step {record['step']})"
-        draw_heatmap(ax, record[key], title, "loss change (nats)")
-    return _save(fig, out)
+    values = [torch.tensor(v, dtype=torch.float32) for v, _ in panels]
+    limit = max(float(v.abs().max()) for v in values) or 1.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
+    image = None
+    for ax, value, (_, title) in zip(axes[0], values, panels, strict=True):
+        image = draw_heatmap(ax, value, title, "", vmin=-limit, vmax=limit, colorbar_on=False)
+    fig.colorbar(image, ax=list(axes[0]), label="loss increase when the head is removed (nats)")
+    if ablation is not None and attribution is not None:
+        from lightning_icl.callbacks.heads import spearman
 
-
-ATTENTION_PANELS = ("entropy", "max_prob", "same_label_mass", "previous_token", "lse")
+        agreement = spearman(values[0], values[1])
+        same = "" if ablation["step"] == attribution["step"] else " (different steps)"
+        fig.suptitle(f"head importance: rank agreement (Spearman) {agreement:.2f}{same}", fontsize=10)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return out
 
 
 def plot_attention(record: dict, out: str) -> str | None:
-    """Per-head attention statistics of one record, one heatmap each (class mass per class)."""
-    panels = [(name, record[name]) for name in ATTENTION_PANELS if name in record]
-    if "class_mass" in record:
-        mass = torch.tensor(record["class_mass"])  # [L, H, C]
-        panels += [(f"class_mass, class {c}", mass[..., c]) for c in range(mass.shape[-1])]
-    if not panels:
-        return None
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
-    for ax, (name, values) in zip(axes.flat, panels, strict=False):
-        units = "nats" if name in ("entropy", "lse") else "probability mass"
-        draw_heatmap(ax, values, name, units)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.suptitle(f"attention statistics at step {record['step']}", fontsize=10)
-    return _save(fig, out)
+    """Per-head attention statistics of one record, one heatmap each (class mass per key class)."""
+    from lightning_icl.callbacks.attention import attention_figure
+
+    fig = attention_figure(record)
+    return None if fig is None else _save(fig, out)
 
 
 def plot_circuits(records: list[dict], out: str) -> str:
@@ -252,25 +196,98 @@ def plot_core(summary: dict, out: str) -> str:
 
 
 def plot_phase_diagram(points: list[tuple[float, float, float]], x: str, y: str, metric: str, out: str) -> str:
-    """``metric`` over a grid of two hyperparameters, one cell per ``(x, y, value)``."""
+    """``metric`` over a grid of two hyperparameters, one cell per ``(x, y)``: the mean over the runs
+    there (seeds), written with its spread (``± std (n runs)``) where several runs share a cell."""
     xs = sorted({p[0] for p in points})
     ys = sorted({p[1] for p in points})
-    grid = torch.full((len(ys), len(xs)), float("nan"))
+    cells: dict[tuple[int, int], list[float]] = {}
     for px, py, value in points:
-        grid[ys.index(py), xs.index(px)] = value
-    fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(xs), 1.4 + 0.6 * len(ys)))
+        cells.setdefault((ys.index(py), xs.index(px)), []).append(value)
+    grid = torch.full((len(ys), len(xs)), float("nan"))
+    for (i, j), values in cells.items():
+        grid[i, j] = sum(values) / len(values)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.0 * len(xs), 1.8 + 0.7 * len(ys)))
     image = ax.imshow(grid, origin="lower", cmap="magma", vmin=0, vmax=max(1.0, float(grid.nan_to_num().max())))
     ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
     ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    for (i, j), value in zip(((i, j) for i in range(len(ys)) for j in range(len(xs))), grid.flatten(), strict=True):
-        if not math.isnan(value):
-            ax.text(
-                j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black"
-            )
-    ax.set_title(f"{metric} (final) over the sweep", fontsize=9)
+    for (i, j), values in cells.items():
+        mean = sum(values) / len(values)
+        text = f"{mean:.2f}"
+        if len(values) > 1:
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            text += f"\n±{std:.2f} ({len(values)})"
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if mean < 0.6 else "black")
+    seeds = max(len(v) for v in cells.values())
+    ax.set_title(f"{metric} (final) over the sweep" + (f", mean of up to {seeds} runs" if seeds > 1 else ""),
+                 fontsize=9)  # fmt: skip
     fig.colorbar(image, ax=ax, label=metric)
+    return _save(fig, out)
+
+
+SEED_KEYS = ("seed", "seed_everything", "data_seed")
+"""Hyperparameters that tell apart the repeats of one configuration."""
+
+
+def seed_groups(run_dirs: Sequence[str]) -> dict[str, list[str]]:
+    """Runs that differ only in their seeds, grouped: ``label -> run directories`` (groups of two or more)."""
+    groups: dict[str, list[str]] = {}
+    for run_dir in run_dirs:
+        hp = {k: v for k, v in hyperparameters(run_dir).items() if k not in SEED_KEYS}
+        groups.setdefault(json.dumps(hp, sort_keys=True, default=str), []).append(run_dir)
+    varying = _varying(run_dirs)
+    named = {}
+    for runs in groups.values():
+        if len(runs) < 2:
+            continue
+        hp = hyperparameters(runs[0])
+        label = ", ".join(f"{k}={hp[k]}" for k in varying if k in hp and k not in SEED_KEYS) or "all runs"
+        named[label] = runs
+    return named
+
+
+def _varying(run_dirs: Sequence[str]) -> list[str]:
+    """The scalar hyperparameters whose value differs between runs."""
+    seen: dict[str, set] = {}
+    for run_dir in run_dirs:
+        for k, v in hyperparameters(run_dir).items():
+            if isinstance(v, (int, float, str, bool)):
+                seen.setdefault(k, set()).add(v)
+    return sorted(k for k, values in seen.items() if len(values) > 1)
+
+
+def plot_seed_bands(groups: dict[str, list[str]], out: str) -> str | None:
+    """Each evaluation split's accuracy (or squared error) over training: the mean over a group's
+    seeds with a band from the lowest to the highest seed, one line per group."""
+    series: dict[str, dict[str, list[dict[int, float]]]] = {}  # split -> group -> [step -> value] per run
+    for label, runs in groups.items():
+        for run_dir in runs:
+            path = os.path.join(run_dir, "metrics.csv")
+            if not os.path.exists(path):
+                continue
+            for key, values in read_metrics_csv(path).items():
+                parts = key.split("/")
+                if len(parts) == 3 and parts[0] == "val" and parts[2] in ("acc", "mse"):
+                    series.setdefault(f"{parts[1]} {parts[2]}", {}).setdefault(label, []).append(dict(values))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.6 * len(series), 3.8), squeeze=False, sharey=True)
+    for ax, (name, by_group) in zip(axes[0], sorted(series.items()), strict=True):
+        for label, runs in by_group.items():
+            steps = sorted(set.intersection(*(set(r) for r in runs)))
+            if not steps:
+                continue
+            values = torch.tensor([[r[s] for s in steps] for r in runs])  # [seeds, steps]
+            line = ax.plot(steps, values.mean(0), label=f"{label} ({len(runs)} seeds)")[0]
+            ax.fill_between(steps, values.min(0).values, values.max(0).values, color=line.get_color(), alpha=0.2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if name.endswith("acc"):
+            ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean over seeds (band: lowest to highest)")
+    axes[0][0].legend(fontsize=7)
     return _save(fig, out)
 
 
@@ -284,12 +301,14 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
         if path:
             figures.append((title, path))
 
+    chance = answer_chance(hyperparameters(run_dir))
     metrics = os.path.join(run_dir, "metrics.csv")
     if os.path.exists(metrics):
-        add("Loss and accuracy per split", lambda p: plot_training_curves(read_metrics_csv(metrics), p), "training")
-    curves = os.path.join(run_dir, "icl_curves.jsonl")
-    if os.path.exists(curves):
-        add("Per-shot curves at several steps", lambda p: plot_icl_curves(read_curves(curves), p), "per_shot")
+        add("Loss and accuracy per split",
+            lambda p: plot_training_curves(read_metrics_csv(metrics), p, chance), "training")  # fmt: skip
+    rows = per_shot_rows(run_dir)
+    if rows:
+        add("Per-shot curves at several steps", lambda p: plot_icl_curves(rows, p, chance=chance), "per_shot")
     for stem, records in callback_records(run_dir, "curves").items():
         if any(c.get("loss_by_concept") for c in records[-1]["splits"].values()):
             add(f"Per-concept curves ({stem})", lambda p, r=records: plot_concept_curves(r, p), f"{stem}_by_concept")
@@ -326,14 +345,14 @@ def write_report(
     if missing:
         raise ValueError(f"run directories not found: {missing}")
     os.makedirs(out, exist_ok=True)
-    sections: list[tuple[str, list[tuple[str, str]], dict]] = []
+    sections: list[tuple[str, list[tuple[str, str]], dict, dict]] = []
     points = []
     many = len(run_dirs) > 1
     for i, run_dir in enumerate(tqdm(run_dirs, desc="runs", unit="run", disable=not many)):
         prefix = f"run{i}_" if many else ""
         figures = run_figures(run_dir, out, prefix)
         finals = final_metrics(run_dir)
-        sections.append((run_dir, figures, finals))
+        sections.append((run_dir, figures, finals, hyperparameters(run_dir)))
         if phase is not None:
             hp = hyperparameters(run_dir)
             if all(k in hp for k in phase) and metric in finals:
@@ -346,6 +365,10 @@ def write_report(
             )
         path = plot_phase_diagram(points, phase[0], phase[1], metric, os.path.join(out, "phase_diagram.png"))
         summary.append((f"Phase diagram: {metric} over {phase[0]} x {phase[1]}", path))
+    if many and (groups := seed_groups(run_dirs)):
+        path = plot_seed_bands(groups, os.path.join(out, "seeds.png"))
+        if path:
+            summary.append(("Repeats over seeds: mean and spread", path))
     index = os.path.join(out, "index.html")
     with open(index, "w") as f:
         f.write(_html(summary, sections))
@@ -358,29 +381,64 @@ def _img(path: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}">'
 
 
-def _html(summary: list[tuple[str, str]], sections: list[tuple[str, list[tuple[str, str]], dict]]) -> str:
+def _html(summary: list[tuple[str, str]], sections: list[tuple[str, list[tuple[str, str]], dict, dict]]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>lightning_icl report</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "img{max-width:100%;border:1px solid #ddd;margin:.4em 0}table{border-collapse:collapse;font-size:.85em}"
-        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}th{text-align:left}</style></head><body>",
+        "img{max-width:100%;border:1px solid #ddd;margin:.4em 0}table{border-collapse:collapse;font-size:.85em;"
+        "margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}th{text-align:left}"
+        "details{margin:.5em 0}</style></head><body>",
         "<h1>lightning_icl report</h1>",
     ]
     for title, path in summary:
         parts += [f"<h2>{html.escape(title)}</h2>", _img(path)]
-    for run_dir, figures, finals in sections:
+    for run_dir, figures, finals, hparams in sections:
         parts.append(f"<h2>{html.escape(run_dir)}</h2>")
-        evals = {k: v for k, v in finals.items() if k.startswith(("val/", "test/")) and "/" in k}
-        if evals:
-            parts.append("<table><tr><th>final metric</th><th>value</th></tr>")
-            parts += [f"<tr><th>{html.escape(k)}</th><td>{v:.4g}</td></tr>" for k, v in sorted(evals.items())]
-            parts.append("</table>")
+        parts += _metrics_table(finals)
+        parts += _config_table(hparams)
         if not figures:
             parts.append("<p>Nothing to draw: no metrics.csv, icl_curves.jsonl or callback records here.</p>")
         for title, path in figures:
             parts += [f"<h3>{html.escape(title)}</h3>", _img(path)]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _metrics_table(finals: dict[str, float]) -> list[str]:
+    """Final evaluation metrics as one row per split and metric: over all shots, first shot, last shot."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in finals.items():
+        if not key.startswith(("val/", "test/")) or key.count("/") != 2:
+            continue
+        base, column = key, "all shots"
+        for suffix, name in (("_shot0", "first shot"), ("_last", "last shot")):
+            if key.endswith(suffix):
+                base, column = key[: -len(suffix)], name
+        rows.setdefault(base, {})[column] = value
+    if not rows:
+        return []
+    columns = ("all shots", "first shot", "last shot")
+    out = ["<table><tr><th>final (split / metric)</th>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"]
+    for base in sorted(rows):
+        cells = "".join(f"<td>{rows[base][c]:.4g}</td>" if c in rows[base] else "<td></td>" for c in columns)
+        out.append(f"<tr><th>{html.escape(base)}</th>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
+def _config_table(hparams: dict) -> list[str]:
+    """The run's hyperparameters (``hparams.yaml``, ``config.yaml``), folded away under a summary line."""
+    flat = {}
+    for key, value in hparams.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+        elif not isinstance(value, list) or len(value) <= 8:
+            flat[key] = value
+    if not flat:
+        return []
+    cell = lambda k, v: f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    rows = "".join(cell(k, v) for k, v in sorted(flat.items()))
+    return [f"<details><summary>run configuration ({len(flat)} settings)</summary><table>{rows}</table></details>"]
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -19,7 +19,8 @@ from lightning_icl import (
     HeadAttribution,
     ICLCurves,
 )
-from lightning_icl.reports import callback_records, hyperparameters, load_yaml, main
+from lightning_icl.report import hyperparameters, load_yaml
+from lightning_icl.reports import callback_records, main
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,56 @@ def test_report_draws_the_core_of_a_sweep_through_the_command_line(tmp_path, cap
     cli_main(["report", str(tmp_path / "core"), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "core.png").exists()
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_report_page_has_the_icl_table_and_the_run_configuration(run_dir, tmp_path):
+    page = Path(main([run_dir, "--out", str(tmp_path / "report")])).read_text()
+    assert "<th>all shots</th><th>first shot</th><th>last shot</th>" in page
+    assert "<tr><th>val/ood_unseen/acc</th><td>" in page  # one row per split and metric, three values
+    assert "run configuration" in page and "<th>task.vocab_size</th><td>7</td>" in page
+
+
+def test_figures_read_on_fixed_scales_with_their_baselines():
+    """Bounded quantities on [0, 1], chance drawn, key classes named: figures compare across runs."""
+    from lightning_icl.callbacks.attention import attention_figure
+    from lightning_icl.callbacks.decodability import decodability_figure
+
+    cd = {"step": 5, "cd": [0.3, 0.6], "num_points": 32, "k": 5, "concepts": [0, 1, 2, 3], "peak_layer": 1,
+          "chance": 0.25, "cd_interval": [[0.2, 0.4], [0.5, 0.7]], "cd_permutation": [0.25, 0.24],
+          "cd_permutation_high": [0.33, 0.32]}  # fmt: skip
+    fig = decodability_figure([cd, {**cd, "step": 10}])
+    layers, over = fig.axes[0], fig.axes[1]
+    assert layers.get_ylim() == (0, 1.02) and any(tuple(line.get_ydata()) == (0.25, 0.25) for line in layers.lines)
+    assert over.images[0].get_clim() == (0.0, 1.0)
+    attention = {"step": 5, "max_prob": [[0.5, 0.2]], "class_mass": [[[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]],
+                 "class_names": ["x", "y", "z"]}  # fmt: skip
+    fig = attention_figure(attention)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert {"mass on x keys", "mass on y keys", "mass on z keys", "max prob"} <= set(titles)
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in fig.axes if ax.images)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["0.5", "0.2"]  # small grids print their values
+
+
+@pytest.mark.slow
+def test_a_foreign_models_per_shot_curves_and_a_sweeps_seed_band(run_dir, tmp_path):
+    # a run without the module's icl_curves.jsonl (a Hugging Face model): per-shot curves from ICLCurves
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run_dir, foreign)
+    (foreign / "icl_curves.jsonl").unlink()
+    main([str(foreign), "--out", str(tmp_path / "foreign_report")])
+    assert (tmp_path / "foreign_report" / "per_shot.png").exists()
+    # two seeds of one configuration: a band over the seeds, and the phase cell averages them
+    runs = []
+    for i, (seed, alpha) in enumerate([(0, 0.5), (1, 0.5), (0, 0.7)]):
+        copy = tmp_path / f"seed{i}"
+        shutil.copytree(run_dir, copy)
+        hp = load_yaml(copy / "hparams.yaml")
+        hp.update(seed=seed, alpha=alpha)
+        (copy / "hparams.yaml").write_text(yaml.safe_dump(hp))
+        runs.append(str(copy))
+    from lightning_icl.reports import seed_groups
+
+    assert list(seed_groups(runs).values()) == [runs[:2]]
+    page = Path(main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "alpha,num_tasks"])).read_text()
+    assert (tmp_path / "sweep" / "seeds.png").exists() and "Repeats over seeds" in page

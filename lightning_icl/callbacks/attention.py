@@ -9,7 +9,7 @@ import torch
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.kernels import SUPPORTED_STATS, attention_probability
 
-from .base import ICLCallback, heatmap
+from .base import ICLCallback, draw_heatmap
 
 
 class AttentionStatistics(ICLCallback):
@@ -72,6 +72,9 @@ class AttentionStatistics(ICLCallback):
     def measure(self, trainer, pl_module) -> dict[str, Any]:
         cap = self._capture
         record: dict[str, Any] = {}
+        task = getattr(pl_module, "task", None)
+        if "class_mass" in self.stats and hasattr(task, "class_names"):
+            record["class_names"] = task.class_names()  # e.g. x, y, z: the roles of the key classes
         layers = sorted(cap.stats)
         for name in self.stats:
             per_layer = [cap.stats[layer][name].float().mean(dim=(0, 2)) for layer in layers]  # [H] or [H, C]
@@ -89,17 +92,55 @@ class AttentionStatistics(ICLCallback):
     def scalars(self, record):
         out = {}
         for name, values in record.items():
-            if name == "step" or name == "class_mass":
+            if name in ("step", "class_mass", "class_names"):
                 continue
             for layer, row in enumerate(values):
                 out.update({f"{name}/L{layer}H{head}": v for head, v in enumerate(row)})
+        names = record.get("class_names")
         for layer, row in enumerate(record.get("class_mass", [])):
             for head, masses in enumerate(row):
-                out.update({f"class_mass/L{layer}H{head}/class{c}": v for c, v in enumerate(masses)})
+                out.update({f"class_mass/L{layer}H{head}/{names[c] if names else f'class{c}'}": v
+                            for c, v in enumerate(masses)})  # fmt: skip
         return out
 
     def figure(self, record):
-        name = "entropy" if "entropy" in record else next((n for n in record if n != "step"), None)
-        if name is None or name == "class_mass":
-            return None
-        return heatmap(record[name], f"attention {name} at step {record['step']}", name)
+        return attention_figure(record)
+
+
+BOUNDED = ("max_prob", "same_label_mass", "previous_token")
+"""Statistics that are probabilities: drawn on a fixed [0, 1] scale."""
+PANEL_UNITS = {"entropy": "nats", "lse": "nats", "max_prob": "probability", "same_label_mass": "probability mass",
+               "previous_token": "probability"}  # fmt: skip
+
+
+def attention_figure(record: dict):
+    """Every per-head statistic of one record as a heatmap; class mass one panel per named key class."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, record[name]) for name in ("entropy", "max_prob", "same_label_mass", "previous_token", "lse")
+              if name in record]  # fmt: skip
+    if "class_mass" in record:
+        mass = torch.tensor(record["class_mass"])  # [L, H, C]
+        names = record.get("class_names") or [f"class {c}" for c in range(mass.shape[-1])]
+        panels += [(f"mass on {names[c]} keys", mass[..., c]) for c in range(mass.shape[-1])]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, values) in zip(axes.flat, panels, strict=False):
+        bounded = name in BOUNDED or name.startswith("mass on")
+        units = PANEL_UNITS.get(name, "probability mass")
+        low = None if name == "lse" else 0.0  # a log-sum-exp may be negative; the rest are not
+        draw_heatmap(ax, values, name.replace("_", " "), units, vmin=low, vmax=1.0 if bounded else None)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"attention statistics per head, mean over the batch's positions (step {record['step']})",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    return fig

@@ -242,7 +242,7 @@ class ICLCallback(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(self.key, fig, global_step=record["step"])
         os.makedirs(os.path.join(log_dir, "figures"), exist_ok=True)
-        fig.savefig(os.path.join(log_dir, "figures", f"{self.key}.png"), dpi=110)
+        fig.savefig(os.path.join(log_dir, "figures", f"{self.key}.png"), dpi=150)
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -265,31 +265,76 @@ def reduce_padded(trainer: L.Trainer, sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def heatmap(values, title: str, colorbar: str, row_label: str = "layer", col_label: str = "head"):
-    """A ``[rows, cols]`` heatmap figure with labelled axes and a colour bar."""
+ANNOTATE_CELLS = 64
+"""Heatmaps with at most this many cells print each cell's value."""
+
+
+def heatmap(
+    values,
+    title: str,
+    colorbar: str,
+    row_label: str = "layer",
+    col_label: str = "head",
+    vmin: float | None = None,
+    vmax: float | None = None,
+):
+    """A ``[rows, cols]`` heatmap figure with labelled axes, a colour bar and (small grids) values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = torch.as_tensor(values, dtype=torch.float32)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * values.shape[1], 1.0 + 0.45 * values.shape[0]))
-    draw_heatmap(ax, values, title, colorbar, row_label, col_label)
+    width = max(4.8, 1.6 + 0.75 * values.shape[1])
+    height = max(3.2, 1.4 + 0.6 * values.shape[0])
+    fig, ax = plt.subplots(figsize=(width, height))
+    draw_heatmap(ax, values, title, colorbar, row_label, col_label, vmin=vmin, vmax=vmax)
     fig.tight_layout()
     return fig
 
 
-def draw_heatmap(ax, values, title: str, colorbar: str, row_label: str = "layer", col_label: str = "head") -> None:
-    """A ``[rows, cols]`` heatmap on ``ax``: diverging colours around 0 when any value is negative."""
+def draw_heatmap(
+    ax,
+    values,
+    title: str,
+    colorbar: str,
+    row_label: str = "layer",
+    col_label: str = "head",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    colorbar_on: bool = True,
+):
+    """A ``[rows, cols]`` heatmap on ``ax``; returns the image.
+
+    Diverging colours symmetric around 0 when any value is negative (unless ``vmin``/``vmax``
+    fix the scale: give them for bounded quantities such as probabilities, so that two figures
+    read alike); the value of each cell is printed on grids of up to ``ANNOTATE_CELLS`` cells.
+    """
     values = torch.as_tensor(values, dtype=torch.float32)
-    limit = float(values.abs().max()) or 1.0
-    signed = bool((values < 0).any())
-    image = ax.imshow(
-        values, cmap="RdBu_r" if signed else "viridis", vmin=-limit if signed else None, vmax=limit if signed else None
-    )
+    finite = values[torch.isfinite(values)]
+    limit = float(finite.abs().max()) if finite.numel() else 1.0
+    limit = limit or 1.0
+    signed = bool((finite < 0).any()) if vmin is None else vmin < 0
+    if vmin is None and vmax is None and signed:
+        vmin, vmax = -limit, limit
+    cmap = "RdBu_r" if signed else "viridis"
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
     ax.set_xticks(range(values.shape[1]))
     ax.set_yticks(range(values.shape[0]))
-    ax.set_title(title, fontsize=9)
-    ax.figure.colorbar(image, ax=ax, label=colorbar)
+    ax.set_title(title, fontsize=10, wrap=True)
+    if values.numel() <= ANNOTATE_CELLS:
+        low, high = image.get_clim()
+        for (i, j), value in zip(
+            ((i, j) for i in range(values.shape[0]) for j in range(values.shape[1])), values.flatten(), strict=True
+        ):
+            if not torch.isfinite(value):
+                continue
+            shade = (float(value) - low) / ((high - low) or 1.0)
+            dark = abs(shade - 0.5) > 0.3 if signed else shade < 0.6  # the ends of RdBu, the low end of viridis
+            ax.text(j, i, f"{float(value):.2g}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")  # fmt: skip
+    if colorbar_on:
+        ax.figure.colorbar(image, ax=ax, label=colorbar)
+    return image

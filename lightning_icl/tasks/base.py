@@ -82,7 +82,8 @@ class TaskInfo:
     """What a model needs to know about a task family.
 
     ``kind`` is ``"tokens"`` (``vocab_size`` used) or ``"vectors"`` (``input_dim`` used,
-    a scalar target read out at each scored position).
+    a scalar target read out at each scored position). ``token_class_names`` names the roles of
+    ``ICLBatch.token_class`` (e.g. ``x``, ``y``, ``z``), for figures.
     """
 
     kind: str
@@ -93,6 +94,12 @@ class TaskInfo:
     num_token_classes: int = 1
     num_concepts: int = 1
     eval_splits: list[str] = field(default_factory=list)
+    token_class_names: list[str] = field(default_factory=list)
+
+    def class_names(self) -> list[str]:
+        """A name per token class: ``token_class_names``, or ``class <i>`` where none were given."""
+        names = list(self.token_class_names)
+        return names + [f"class {i}" for i in range(len(names), self.num_token_classes)]
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -112,6 +112,7 @@ class BitwiseDataModule(ICLDataModule):
             num_shots=self.num_shots,
             vocab_size=1 << self.n_bits,
             num_token_classes=3,
+            token_class_names=["x1", "x2", "y"],
             num_concepts=len(OPS),
             eval_splits=list(self.eval_samplers()),
         )

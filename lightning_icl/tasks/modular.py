@@ -179,6 +179,7 @@ class ModularArithmeticDataModule(ICLDataModule):
             num_shots=self.num_shots,
             vocab_size=self.p,
             num_token_classes=3,
+            token_class_names=["x", "y", "z"],
             num_concepts=self.p * self.p,
             eval_splits=list(self.eval_samplers()),
         )

@@ -224,6 +224,7 @@ class MultiFamilyDataModule(ICLDataModule):
             num_shots=infos[0].num_shots,
             vocab_size=sum(vocab) if self.disjoint_vocab else max(vocab),
             num_token_classes=infos[0].num_token_classes,
+            token_class_names=list(infos[0].token_class_names),
             num_concepts=sum(info.num_concepts for info in infos),
             eval_splits=list(self.eval_samplers()),
         )

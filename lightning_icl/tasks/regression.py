@@ -111,6 +111,7 @@ class SparseLinearRegressionDataModule(ICLDataModule):
             num_shots=self.num_shots,
             input_dim=self.dim,
             num_token_classes=2,
+            token_class_names=["x", "y"],
             num_concepts=self.bases.shape[0],
             eval_splits=["all"],
         )
@@ -220,6 +221,7 @@ class LinearRegressionDataModule(ICLDataModule):
             num_shots=self.num_points,
             input_dim=self.dim,
             num_token_classes=2,
+            token_class_names=["x", "y"],
             num_concepts=self.dim,
             eval_splits=["full"],
         )
