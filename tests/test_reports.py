@@ -137,6 +137,13 @@ def test_figures_read_on_fixed_scales_with_their_baselines():
     assert {"mass on x keys", "mass on y keys", "mass on z keys", "max prob"} <= set(titles)
     assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in fig.axes if ax.images)
     assert [t.get_text() for t in fig.axes[0].texts] == ["0.5", "0.2"]  # small grids print their values
+    # a loss effect is read against zero: a diverging scale centred there, even when all are positive
+    from lightning_icl.callbacks import HeadAblation, HeadAttribution
+
+    effects = {"step": 5, "loss_effect": [[0.2, 1.3]], "loss_effect_estimate": [[0.25, 1.1]], "method": "integrated",
+               "steps": 2, "mode": "mean"}  # fmt: skip
+    assert HeadAblation(mode="mean").figure(effects).axes[0].images[0].get_clim() == pytest.approx((-1.3, 1.3))
+    assert HeadAttribution().figure(effects).axes[0].images[0].get_clim() == pytest.approx((-1.1, 1.1))
 
 
 @pytest.mark.slow

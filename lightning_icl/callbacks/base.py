@@ -277,8 +277,13 @@ def heatmap(
     col_label: str = "head",
     vmin: float | None = None,
     vmax: float | None = None,
+    symmetric: bool = False,
 ):
-    """A ``[rows, cols]`` heatmap figure with labelled axes, a colour bar and (small grids) values."""
+    """A ``[rows, cols]`` heatmap figure with labelled axes, a colour bar and (small grids) values.
+
+    ``symmetric=True`` centres a diverging scale on zero whatever the signs (for effects such as
+    a loss change, where zero means "no effect" and must look the same in every figure).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,6 +293,10 @@ def heatmap(
     width = max(4.8, 1.6 + 0.75 * values.shape[1])
     height = max(3.2, 1.4 + 0.6 * values.shape[0])
     fig, ax = plt.subplots(figsize=(width, height))
+    if symmetric and vmin is None and vmax is None:
+        finite = values[torch.isfinite(values)]
+        limit = float(finite.abs().max()) if finite.numel() else 0.0
+        vmin, vmax = -(limit or 1.0), limit or 1.0
     draw_heatmap(ax, values, title, colorbar, row_label, col_label, vmin=vmin, vmax=vmax)
     fig.tight_layout()
     return fig

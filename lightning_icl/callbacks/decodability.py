@@ -196,6 +196,7 @@ def decodability_figure(records: list[dict]):
             shots.axhline(chance, color="black", ls=":", lw=1, label="chance")
         shots.set_ylim(0, 1.02)
         shots.set_xlabel("shot (examples before the answer)")
+        shots.xaxis.get_major_locator().set_params(integer=True)
         shots.set_ylabel("concept decodability")
         shots.set_title("by shot", fontsize=10)
         shots.legend(fontsize=7, loc="upper left")

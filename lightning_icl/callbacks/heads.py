@@ -90,7 +90,12 @@ class HeadAblation(ICLCallback):
         return out
 
     def figure(self, record):
-        return heatmap(record["loss_effect"], f"{self.mode} ablation at step {record['step']}", "loss increase (nats)")
+        return heatmap(
+            record["loss_effect"],
+            f"{self.mode} ablation at step {record['step']}",
+            "loss increase (nats)",
+            symmetric=True,
+        )
 
 
 ATTRIBUTION_CALLBACK_METHODS = ("integrated", "gradient", "training")
@@ -221,6 +226,7 @@ class HeadAttribution(ICLCallback):
             record["loss_effect_estimate"],
             f"{what}, {record.get('mode', 'zero')} ablation, step {record['step']}",
             "estimated loss increase (nats)",
+            symmetric=True,
         )
 
     # ---- checkpointing -------------------------------------------------------------------------
