@@ -7,12 +7,20 @@ draws run directories (:mod:`lightning_icl.reports`).
 
 from __future__ import annotations
 
+import csv
+import os
 import sys
+import traceback
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
-import lightning_icl  # noqa: F401  (registers the short class names)
+import lightning_icl
+import lightning_icl.kernels as kernels
+from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_checkpoint
 from lightning_icl.report import write_fit_report
 
 
@@ -56,10 +64,51 @@ class ICLCLI(LightningCLI):
         if not any(a.startswith("--verbose") for a in given):
             self.config_init[self.subcommand]["verbose"] = False
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters while parsing: check the file first, so
+        # that a missing, cut or damaged one is reported by name
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def _safe_checkpoints(self) -> None:
+        """Checkpoints written beside their target and renamed, and checked when read
+        (:class:`~lightning_icl.checkpoints.SafeCheckpointIO`), unless the Trainer was given its own."""
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = SafeCheckpointIO()
+
+    def _keep_metrics_on_resume(self) -> None:
+        """Resuming into the logger version a run already wrote: CSVLogger would delete that
+        version's ``metrics.csv``; its rows up to the checkpoint's step are carried over instead."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        logger = self.trainer.logger
+        if not ckpt_path or not os.path.isfile(str(ckpt_path)) or not isinstance(logger, CSVLogger):
+            return
+        path = os.path.join(logger.log_dir, "metrics.csv")
+        if not os.path.exists(path):
+            return
+        step = load_checkpoint(str(ckpt_path)).get("global_step", 0)
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step") and float(r["step"]) <= step]
+        writer = logger.experiment  # created now: it removes the old file
+        for row in rows:
+            values = {k: float(v) for k, v in row.items() if k not in ("step", None) and v not in (None, "")}
+            writer.log_metrics(values, int(float(row["step"])))
+        writer.save()
+
+    def before_fit(self) -> None:
+        self._safe_checkpoints()
+        self._keep_metrics_on_resume()
+
     def before_validate(self) -> None:
+        self._safe_checkpoints()
         self._quiet_table()
 
     def before_test(self) -> None:
+        self._safe_checkpoints()
         self._quiet_table()
 
     def before_instantiate_classes(self) -> None:
@@ -90,8 +139,78 @@ EXTRA_COMMANDS = """Besides LightningCLI's fit / validate / test / predict:
 """
 
 
+PACKAGE_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (lightning_icl, kernels))
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, DivergenceError, MisconfigurationException)
+
+
+def _raised_here(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIRS)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The error a user should read in ``err``'s chain: the innermost one the package raised
+    (LightningCLI and jsonargparse wrap a constructor's ``ValueError`` in their own), or
+    Lightning's own configuration error. ``None``: a bug, whose traceback should be shown."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    own = [e for e in chain if isinstance(e, USER_ERRORS) and _raised_here(e)]
+    if own:
+        return own[-1]
+    return next((e for e in chain if isinstance(e, MisconfigurationException)), None)
+
+
+def _where(err: BaseException) -> str | None:
+    """``--data ModularArithmeticDataModule`` (or ``--model``, a callback): whose constructor raised."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        obj = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        here = os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIRS)
+        if obj is not None and found is None and here and not isinstance(obj, LightningCLI):
+            found = obj
+        tb = tb.tb_next
+    if found is None:
+        return None
+    name = type(found).__name__
+    group = next((g for g, base in (("--data", L.LightningDataModule), ("--model", L.LightningModule),
+                                    ("--trainer.callbacks", L.Callback)) if isinstance(found, base)), None)  # fmt: skip
+    return f"{group} {name}" if group else name
+
+
+def _report(err: BaseException, command: str) -> int:
+    """Print a usage hint and the error (its last line); return the exit status."""
+    where = _where(err)
+    hint = "see --help"
+    if where and where.startswith(("--data ", "--model ")):
+        group, name = where.split(" ")
+        hint = f"its arguments: lightning-icl {command} {group}.help {name}"
+    elif isinstance(err, DivergenceError):
+        hint = "the run stopped"
+    print(f"lightning-icl {command}: {where + ' ' if where else ''}failed ({hint}; "
+          f"LIGHTNING_ICL_TRACEBACK=1 shows the traceback)", file=sys.stderr)  # fmt: skip
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"lightning-icl: error: {message}", file=sys.stderr)
+    return 1 if isinstance(err, DivergenceError) else 2
+
+
 def main(args: list[str] | None = None) -> None:
+    """The ``lightning-icl`` command. A bad argument or file, or a diverged run, ends in two lines
+    on stderr (where, and the package's message last) and a non-zero exit status, not a traceback."""
     argv = sys.argv[1:] if args is None else list(args)
+    try:
+        _dispatch(args, argv)
+    except Exception as err:
+        shown = user_error(err)
+        if shown is None or os.environ.get("LIGHTNING_ICL_TRACEBACK"):
+            raise
+        sys.exit(_report(shown, argv[0] if argv and not argv[0].startswith("-") else "fit"))
+
+
+def _dispatch(args: list[str] | None, argv: list[str]) -> None:
     if argv and argv[0] in ("prune", "core"):
         from lightning_icl.prune_cli import COMMANDS
 

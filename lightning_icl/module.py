@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from functools import partial
@@ -13,7 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_icl import records
 from lightning_icl.capture import Capture, CaptureSpec
+from lightning_icl.checkpoints import DivergenceError, catch_up_evaluation, check_finite_loss, seal, verify
 from lightning_icl.metrics import PerShotMean
 from lightning_icl.models import ICLTransformer
 from lightning_icl.optim import SCHEDULES, decay_groups, lr_factor
@@ -39,6 +40,14 @@ class ICLModule(L.LightningModule):
     over all shots, ``..._shot0`` and ``..._last``, where metric is ``loss`` and ``acc``
     (token tasks) or ``mse`` (vector tasks). Full per-shot curves go to
     ``icl_curves.jsonl`` in the logger's directory.
+
+    Nothing is lost on a crash: every evaluation (its summary and per-shot curves) is kept in
+    ``eval_history`` and saved with the checkpoint, so a resumed run's ``icl_curves.jsonl`` holds
+    the whole run; a resumed fit first runs a validation its checkpoint was owed (Lightning saves
+    ``every_n_train_steps`` checkpoints before that step's validation). A non-finite training
+    loss or evaluation loss stops the run with a :class:`~lightning_icl.checkpoints.DivergenceError`
+    naming the step, and a checkpoint with non-finite weights is never written; checkpoints carry
+    a digest of their tensors that is checked when they are loaded.
     """
 
     def __init__(
@@ -115,6 +124,9 @@ class ICLModule(L.LightningModule):
         # Attribution callbacks set gates [L, H] (ones, requiring grad) used by the training forward.
         self.train_head_gates: Tensor | None = None
         self.last_eval: dict[str, float] = {}
+        # every evaluation of the fit: {"step", "stage", "results", "curves"}; saved with checkpoints
+        self.eval_history: list[dict] = []
+        self._curves_started = False
 
     # ---- forward and loss -------------------------------------------------------------
     def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
@@ -142,6 +154,8 @@ class ICLModule(L.LightningModule):
         outputs, self.last_capture = self(batch, capture=self.train_capture_spec, head_gates=self.train_head_gates)
         loss, correct = self.per_position_loss(outputs, batch)
         loss = loss.mean()
+        if self._trainer is not None:
+            check_finite_loss(self.trainer, loss)  # before a checkpoint can keep a diverged step
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         if correct is not None:
             self.log("train/acc", correct.mean(), prog_bar=True, batch_size=len(batch))
@@ -176,11 +190,11 @@ class ICLModule(L.LightningModule):
                 if not metric.update_called:
                     continue
                 by_shot = metric.compute()  # synced across ranks
-                seen = (~torch.isnan(by_shot)).nonzero().squeeze(1)
+                seen = (~torch.isnan(by_shot)).nonzero().squeeze(1)  # shots that have answers
                 prefix = f"{stage}/{split}/{name}"
                 results[prefix] = float(metric.overall())
-                results[f"{prefix}_shot0"] = float(by_shot[seen[0]])
-                results[f"{prefix}_last"] = float(by_shot[seen[-1]])
+                results[f"{prefix}_shot0"] = float(by_shot[seen[0]]) if len(seen) else math.nan
+                results[f"{prefix}_last"] = float(by_shot[seen[-1]]) if len(seen) else math.nan
                 curves.append(
                     {
                         "stage": stage,
@@ -190,21 +204,58 @@ class ICLModule(L.LightningModule):
                     }
                 )
                 metric.reset()
-        if not results or self.trainer.sanity_checking:
+        if not results:
+            return
+        bad = [k for k, v in results.items() if not math.isfinite(v) and not k.endswith(("_shot0", "_last"))]
+        if bad:
+            raise DivergenceError(
+                f"{bad[0]} is {results[bad[0]]} at step {self.global_step}: the model's outputs are not finite"
+                + (" (a model that diverged in training)" if stage == "val" else "")
+            )
+        if self.trainer.sanity_checking:
             return
         for key, value in results.items():
             self.log(key, value, sync_dist=False, add_dataloader_idx=False)
         self.last_eval = results
-        self._append_curves(curves)
+        if self.trainer.state.fn == "fit":
+            self.eval_history.append({"step": self.global_step, "stage": stage, "results": results, "curves": curves})
+        self._write_curves([{"step": self.global_step, **row} for row in curves])
 
-    def _append_curves(self, curves: list[dict]) -> None:
+    def _write_curves(self, rows: list[dict]) -> None:
+        """Append to ``icl_curves.jsonl``; a fit's first write rewrites it from ``eval_history``
+        (a resumed run's file then holds the evaluations restored from its checkpoint)."""
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         if log_dir is None or self.trainer.global_rank != 0:
             return
         os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, "icl_curves.jsonl"), "a") as f:
-            for row in curves:
-                f.write(json.dumps({"step": self.global_step, **row}) + "\n")
+        path = os.path.join(log_dir, "icl_curves.jsonl")
+        if not self._curves_started and self.trainer.state.fn == "fit":
+            self._curves_started = True
+            records.write_jsonl(path, [{"step": e["step"], **row} for e in self.eval_history for row in e["curves"]])
+            return
+        for row in rows:
+            records.append_jsonl(path, row)
+
+    # ---- runs that survive a crash ------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self._curves_started = False
+
+    def on_train_start(self) -> None:
+        records.write_run_file(self.trainer, self.trainer.log_dir if self.trainer.logger is not None else None)
+        catch_up_evaluation(self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        records.save_run_id(self.trainer, checkpoint)
+        checkpoint.setdefault(records.CHECKPOINT_KEY, {})["eval_history"] = self.eval_history
+        seal(checkpoint, self.global_step)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        verify(checkpoint, getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None)
+        if self._trainer is not None:
+            records.load_run_id(self.trainer, checkpoint)
+        self.eval_history = list(checkpoint.get(records.CHECKPOINT_KEY, {}).get("eval_history", []))
+        if self.eval_history:
+            self.last_eval = dict(self.eval_history[-1]["results"])
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lightning_icl.checkpoints import load_checkpoint
 from lightning_icl.module import ICLModule
 from lightning_icl.pruning import effective_size, heuristic_core, keep_frequency
 from lightning_icl.subnetwork import DIVERGENCES, WEIGHTINGS, SubnetworkPruning
@@ -35,19 +36,24 @@ from lightning_icl.tasks.base import ICLDataModule, TrainStream, derive_seed
 
 # ---- loading a trained run ------------------------------------------------------------
 def load_trained(ckpt_path: str) -> tuple[ICLModule, ICLDataModule]:
-    """The :class:`ICLModule` of a checkpoint and its DataModule rebuilt from the saved hyperparameters."""
+    """The :class:`ICLModule` of a checkpoint and its DataModule rebuilt from the saved hyperparameters.
+
+    A missing, empty, truncated, damaged or foreign file is a ``ValueError`` naming it."""
+    checkpoint = load_checkpoint(ckpt_path)
+    if "task" not in (checkpoint.get("hyper_parameters") or {}):
+        raise ValueError(f"checkpoint {ckpt_path} is not an ICLModule checkpoint (its hyperparameters hold no task)")
     module = ICLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    return module, load_datamodule(ckpt_path)
+    return module, load_datamodule(ckpt_path, checkpoint)
 
 
-def load_datamodule(ckpt_path: str) -> ICLDataModule:
+def load_datamodule(ckpt_path: str, checkpoint: dict | None = None) -> ICLDataModule:
     """The DataModule a checkpoint was trained with, from its saved hyperparameters.
 
     The class is the ``_class_path`` LightningCLI stores; a checkpoint from a plain
     ``Trainer.fit`` has none, and then the package DataModule whose constructor takes the
     saved arguments is used. Batches come as :class:`ICLBatch` whatever ``batch_format`` was.
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path) if checkpoint is None else checkpoint
     hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
     if not hparams:
         raise ValueError(f"{ckpt_path} holds no DataModule hyperparameters: was it trained with a DataModule?")
@@ -91,6 +97,24 @@ def pruning_loader(data: ICLDataModule, seed: int) -> DataLoader:
 
 
 # ---- one subnetwork ---------------------------------------------------------------------
+def check_prune_arguments(
+    module: ICLModule, sparsity: float, steps: int, warmup_steps: int | None, val_every: int | None, **pruning_kwargs
+) -> int:
+    """Raise ``ValueError`` naming a bad argument of :func:`prune` (before any training); returns
+    the warm-up length (default: half of ``steps``)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    warmup_steps = steps // 2 if warmup_steps is None else warmup_steps
+    if warmup_steps > steps:
+        raise ValueError(
+            f"warmup_steps ({warmup_steps}) must be <= steps ({steps}): the target sparsity would never be reached"
+        )
+    if val_every is not None and val_every < 1:
+        raise ValueError(f"val_every must be >= 1 or None, got {val_every}")
+    SubnetworkPruning(module, target_sparsity=sparsity, warmup_steps=warmup_steps, **pruning_kwargs)  # its own checks
+    return warmup_steps
+
+
 def prune(
     module: ICLModule,
     data: ICLDataModule,
@@ -109,9 +133,7 @@ def prune(
     ``warmup_steps`` defaults to half of ``steps``; ``pruning_kwargs`` go to
     :class:`SubnetworkPruning`. Returns the content of ``mask.json``.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    warmup_steps = steps // 2 if warmup_steps is None else warmup_steps
+    warmup_steps = check_prune_arguments(module, sparsity, steps, warmup_steps, val_every, **pruning_kwargs)
     L.seed_everything(seed, verbose=False)
     pruner = SubnetworkPruning(module, target_sparsity=sparsity, warmup_steps=warmup_steps, seed=seed, **pruning_kwargs)
     trainer = L.Trainer(
@@ -168,6 +190,19 @@ def core_sweep(
     the keep frequency ``[L, H]``, the core (heads kept by at least ``fraction`` of the runs)
     and the effective size per split.
     """
+    # every argument is checked before the first of many runs, not when its turn comes
+    if not sparsities or not seeds:
+        raise ValueError(
+            f"sparsities and seeds must each hold at least one value, got {list(sparsities)} and {list(seeds)}"
+        )
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    rest = {k: v for k, v in prune_kwargs.items() if k not in ("steps", "warmup_steps", "val_every", "accelerator")}
+    for s in sparsities:
+        check_prune_arguments(module, s, prune_kwargs.get("steps", 500), prune_kwargs.get("warmup_steps"),
+                              prune_kwargs.get("val_every"), **rest)  # fmt: skip
     runs = []
     grid = [(s, n) for s in sparsities for n in seeds]
     with _quiet():

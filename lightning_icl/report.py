@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-from collections import defaultdict
 
 import matplotlib
 import yaml
+
+from lightning_icl.records import read_jsonl, read_metrics_csv
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 METRIC_LABELS = {"loss": "cross-entropy (nats)", "acc": "accuracy", "mse": "squared error"}
-
-
-def read_metrics_csv(path: str) -> dict[str, list[tuple[int, float]]]:
-    """``metric -> [(step, value), ...]`` from a CSVLogger ``metrics.csv``."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in (None, ""):
-                    continue
-                series[key].append((step, float(value)))
-    return dict(series)
 
 
 class _Loader(yaml.SafeLoader):
@@ -72,11 +58,6 @@ def answer_chance(hparams: dict) -> float | None:
     if isinstance(task, dict) and task.get("kind") == "tokens" and task.get("vocab_size"):
         return 1.0 / task["vocab_size"]
     return None
-
-
-def read_curves(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_training_curves(
@@ -199,6 +180,6 @@ def per_shot_rows(log_dir: str) -> list[dict]:
     """Per-shot curves of a run: ``icl_curves.jsonl``, else ``curves.jsonl`` (the ``ICLCurves`` callback)."""
     curves = os.path.join(log_dir, "icl_curves.jsonl")
     if os.path.exists(curves):
-        return read_curves(curves)
+        return read_jsonl(curves)
     callback = os.path.join(log_dir, "curves.jsonl")
-    return curves_as_rows(read_curves(callback)) if os.path.exists(callback) else []
+    return curves_as_rows(read_jsonl(callback)) if os.path.exists(callback) else []

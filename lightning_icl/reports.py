@@ -10,6 +10,10 @@ a phase diagram of a final metric over two hyperparameters (He et al.'s n_i.d. x
 
     lightning-icl report runs/quickstart/version_0 --out report/
     lightning-icl report runs/sweep/*/version_0 --out sweep_report/ --phase num_tasks,alpha
+
+A logger folder (``runs/quickstart``) stands for its ``version_N`` folders. Versions that are
+segments of one resumed run (the same ``run_id`` in their ``run.json``) are drawn as one run,
+joined step by step (:func:`lightning_icl.records.merge_segments`).
 """
 
 from __future__ import annotations
@@ -31,24 +35,19 @@ import torch
 
 from lightning_icl.callbacks.base import draw_heatmap
 from lightning_icl.callbacks.circuits import draw_jaccard
+from lightning_icl.records import expand_run_dirs, merge_segments, read_jsonl, read_metrics_csv, run_segments
 from lightning_icl.report import (
     answer_chance,
     hyperparameters,
     per_shot_rows,
     plot_icl_curves,
     plot_training_curves,
-    read_metrics_csv,
 )
 
 PHASE_METRIC = "val/ood_unseen/acc"
 
 
 # ---- reading a run ----------------------------------------------------------------------------
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def callback_records(run_dir: str, name: str) -> dict[str, list[dict]]:
     """``file stem -> records`` for ``<name>.jsonl`` and tagged ``<name>_<tag>.jsonl`` files."""
     found = {}
@@ -343,16 +342,21 @@ def write_report(
 
     missing = [d for d in run_dirs if not os.path.isdir(d)]
     if missing:
-        raise ValueError(f"run directories not found: {missing}")
+        raise ValueError(f"run directories not found: {', '.join(missing)}")
     os.makedirs(out, exist_ok=True)
+    runs = []  # (title, directory): the segments of a resumed run joined into one folder under out/
+    for i, segments in enumerate(run_segments(expand_run_dirs(list(run_dirs)))):
+        title = segments[0] if len(segments) == 1 else " + ".join(segments) + " (one resumed run)"
+        runs.append((title, merge_segments(segments, os.path.join(out, "joined", f"run{i}"))))
+    run_dirs = [d for _, d in runs]
     sections: list[tuple[str, list[tuple[str, str]], dict, dict]] = []
     points = []
     many = len(run_dirs) > 1
-    for i, run_dir in enumerate(tqdm(run_dirs, desc="runs", unit="run", disable=not many)):
+    for i, (title, run_dir) in enumerate(tqdm(runs, desc="runs", unit="run", disable=not many)):
         prefix = f"run{i}_" if many else ""
         figures = run_figures(run_dir, out, prefix)
         finals = final_metrics(run_dir)
-        sections.append((run_dir, figures, finals, hyperparameters(run_dir)))
+        sections.append((title, figures, finals, hyperparameters(run_dir)))
         if phase is not None:
             hp = hyperparameters(run_dir)
             if all(k in hp for k in phase) and metric in finals:

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -105,9 +106,91 @@ def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, 
     assert "test/ood_unseen/loss" in capsys.readouterr().out
 
 
-def test_bad_data_argument_is_reported():
-    with pytest.raises(ValueError, match="p must be a prime, got 9"):
-        main(["fit", "--model=ICLModule", "--data=ModularArithmeticDataModule", "--data.p=9", "--trainer.max_steps=1"])
+def fails(args: list[str], capsys) -> tuple[int, list[str]]:
+    """Run the command; return its exit status and its stderr lines."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+FLAGS = ["--model=ICLModule", "--data=ModularArithmeticDataModule", "--trainer.max_steps=1", "--trainer.logger=false"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data.p=9"], "p must be a prime, got 9"),
+        (["--model.lr=-1"], "lr must be > 0, got -1.0"),
+        (["--data.num_tasks=0"], "num_tasks must be"),
+        (["--model.n_heads=3"], "n_heads"),
+        (["--ckpt_path=/nowhere/last.ckpt"], "checkpoint /nowhere/last.ckpt does not exist"),
+    ],
+)
+def test_a_bad_argument_ends_in_the_packages_message_not_a_traceback(args, message, capsys):
+    code, err = fails(["fit", *FLAGS, *args], capsys)
+    assert code == 2
+    assert err[-1].startswith("lightning-icl: error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err) and "Given value" not in "\n".join(err)
+    assert "LIGHTNING_ICL_TRACEBACK=1" in err[-2]  # one usage hint, just before the message
+
+
+def test_a_bad_data_argument_names_the_class_whose_help_lists_its_arguments(capsys):
+    _, err = fails(["fit", *FLAGS, "--data.p=8"], capsys)
+    assert "--data.help ModularArithmeticDataModule" in err[-2]
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        shown = f.read()
+    assert f"\n{err[-2]}\n{err[-1]}\n" in shown  # the README shows what the command prints
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "foreign"])
+@pytest.mark.parametrize("command", ["validate", "prune", "core"])
+def test_a_missing_or_broken_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, command, kind):
+    import torch
+
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "foreign":
+        torch.save({"weights": torch.ones(3)}, path)
+    args = {"validate": ["validate", *FLAGS[:2], f"--ckpt_path={path}"], "prune": ["prune", f"--ckpt={path}"],
+            "core": ["core", f"--ckpt={path}", f"--out={tmp_path}/core"]}[command]  # fmt: skip
+    code, err = fails(args, capsys)
+    assert code == 2 and err[-1].startswith(f"lightning-icl: error: checkpoint {path} "), err[-1]
+
+
+def test_report_on_a_missing_directory_or_a_broken_record_file_names_it(tmp_path, capsys):
+    code, err = fails(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and str(tmp_path / "nowhere") in err[-1]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ablation.jsonl").write_text('{"step": 1, "loss_effect": [[0.1]]}\n{"step": oops}\n{"step": 3}\n')
+    code, err = fails(["report", str(run), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err[-1].endswith("ablation.jsonl, line 2: not a JSON record (Expecting value)")
+
+
+def test_every_shipped_checkpoint_is_written_after_its_steps_validation():
+    """A checkpoint taken before the validation of its step would not hold that evaluation
+    (it is recovered on resume, at the cost of validating again); the configs save after it."""
+    for config in glob.glob(os.path.join(os.path.dirname(CONFIGS[0]), "**", "*.yaml"), recursive=True):
+        with open(config) as f:
+            callbacks = (yaml.safe_load(f).get("trainer") or {}).get("callbacks") or []
+        for cb in callbacks:
+            if cb["class_path"].endswith("ModelCheckpoint"):
+                args = cb.get("init_args", {})
+                assert not args.get("every_n_train_steps"), config
+                assert args.get("save_top_k", 1) >= 1 and args.get("save_last"), config
+
+
+@pytest.mark.slow
+def test_a_diverging_fit_stops_in_one_line_with_a_non_zero_status(tmp_path, capsys):
+    args = ["fit", *FLAGS[:2], "--model.lr=1e6", "--model.warmup_steps=0", "--trainer.max_steps=200",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    code, err = fails(args, capsys)
+    assert code == 1
+    assert re.match(r"lightning-icl: error: training diverged: train/loss is (nan|inf) at step \d+;", err[-1]), err[-1]
 
 
 @pytest.mark.slow
@@ -155,3 +238,17 @@ def test_the_flag_only_command_validates_and_prints_its_summary(tmp_path, capsys
         main(["validate", f"--config={run / 'config.yaml'}", f"--ckpt_path={ckpt}", "--trainer.logger=false"])
     out = capsys.readouterr().out
     assert "ICL summary" in caplog.text and "Validate metric" not in out
+
+
+@pytest.mark.slow
+def test_resuming_into_the_same_logger_version_keeps_its_metrics(tmp_path):
+    config = next(c for c in CONFIGS if "quickstart" in c)
+    args = [*shrunk(tmp_path, config), "--trainer.logger.init_args.version=0", "--trainer.log_every_n_steps=1"]
+    main(["fit", *args])
+    version = tmp_path / "run" / "version_0"
+    ckpt = version / "checkpoints" / "last.ckpt"
+    main(["fit", *args, "--trainer.max_steps=8", f"--ckpt_path={ckpt}"])
+    from lightning_icl.records import read_metrics_csv
+
+    steps = [s for s, _ in read_metrics_csv(str(version / "metrics.csv"))["train/loss"]]
+    assert steps == list(range(8)), steps  # the first fit's rows too, once each

@@ -58,6 +58,7 @@ class AttentionStatistics(ICLCallback):
             adapter.set_training_capture(spec)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.check_loss(trainer, pl_module, outputs)
         if not self._armed:
             return
         self._armed = False

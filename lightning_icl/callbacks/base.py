@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -13,7 +12,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_icl import records
 from lightning_icl.adapters import Adapter, adapter_for
+from lightning_icl.checkpoints import catch_up_evaluation, check_finite_loss, seal, verify
 
 
 class ICLCallback(L.Callback):
@@ -138,7 +139,21 @@ class ICLCallback(L.Callback):
             self._adapter = adapter_for(pl_module)
         return self._adapter
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run: its identity in run.json, and the validation its checkpoint was owed
+        records.write_run_file(trainer, trainer.log_dir or trainer.default_root_dir)
+        catch_up_evaluation(trainer)
+
+    def check_loss(self, trainer, pl_module, outputs) -> None:
+        """Stop a diverged run at its step (once per step, whichever callback comes first; an
+        :class:`~lightning_icl.ICLModule` checks in its own training step)."""
+        step = trainer.global_step
+        if getattr(trainer, "_lightning_icl_loss_checked", None) != step and not hasattr(pl_module, "eval_history"):
+            trainer._lightning_icl_loss_checked = step
+            check_finite_loss(trainer, outputs.get("loss") if isinstance(outputs, dict) else outputs)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.check_loss(trainer, pl_module, outputs)
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
@@ -214,19 +229,17 @@ class ICLCallback(L.Callback):
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=record["step"])
+                logger.save()  # on disk now, as Lightning does for its own metrics: a kill loses nothing
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"{self.key}.jsonl")
         if self._file_started:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            records.append_jsonl(path, record)
             return
         # The first record of a run writes the file afresh from the history (so a resumed run's file
         # holds its restored records too): a run never appends to another run's file.
         if os.path.exists(path) and os.path.getsize(path) and len(self.history) == 1:
             self.warn_once(f"{type(self).__name__}: replaced {path}, left by an earlier run in the same directory")
-        with open(path, "w") as f:
-            for old in self.history:
-                f.write(json.dumps(old) + "\n")
+        records.write_jsonl(path, self.history)
         self._file_started = True
 
     def _draw(self, trainer: L.Trainer) -> None:
@@ -253,6 +266,14 @@ class ICLCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        records.save_run_id(trainer, checkpoint)
+        seal(checkpoint, trainer.global_step)  # no checkpoint of a diverged model; a digest to check on load
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        verify(checkpoint, trainer.ckpt_path)
+        records.load_run_id(trainer, checkpoint)
 
 
 def reduce_padded(trainer: L.Trainer, sums: torch.Tensor) -> torch.Tensor:
