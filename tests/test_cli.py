@@ -12,7 +12,13 @@ from lightning_icl.cli import main
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
 # Shrink any config to a few CPU steps; data overrides per DataModule keep it valid.
-SHRINK_MODEL = ["--model.init_args.d_model=32", "--model.init_args.n_heads=2", "--model.init_args.n_layers=1"]
+# (no warm-up: the configs warm up over more steps than the shrunk run has, which ICLModule refuses)
+SHRINK_MODEL = [
+    "--model.init_args.d_model=32",
+    "--model.init_args.n_heads=2",
+    "--model.init_args.n_layers=1",
+    "--model.init_args.warmup_steps=0",
+]
 SHRINK_DATA = {
     "ModularArithmeticDataModule": [
         "--data.init_args.num_tasks=4",
