@@ -97,7 +97,7 @@ def test_ablation_and_attribution_at_one_step_log_their_rank_agreement(tmp_path)
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: ConceptDecodability(k=5, every_n_steps=10), lambda: HeadAblation(every_n_steps=10)]
+    "make", [lambda: ConceptDecodability(k=5, every_n_steps=10, num_batches=2), lambda: HeadAblation(every_n_steps=10)]
 )
 def test_a_step_is_measured_once_when_cadence_and_validation_coincide(tmp_path, make):
     """every_n_steps equal to the validation interval: one record per step, one line per step in the file."""
