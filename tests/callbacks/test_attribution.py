@@ -73,7 +73,7 @@ def test_bad_attribution_arguments_are_named(trained):
     batch = tiny_modular(num_shots=12, batch_size=64).val_dataloader()[0].dataset[0]
     with pytest.raises(ValueError, match="method must be one of"):
         head_attribution(adapter, batch, method="ig")
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         head_attribution(adapter, batch, steps=0)
     with pytest.raises(ValueError, match="mode must be one of"):
         head_attribution(adapter, batch, mode="mean_ablate")
