@@ -60,7 +60,7 @@ def check_number(
         ok = value < high if high_open else value <= high
     if not ok:
         if low is not None and high is not None:  # NaN and inf lie in no interval
-            raise ValueError(f"{name} must lie in{_interval(low, high, low_open, high_open)}, got {value!r}")
+            raise ValueError(f"{name} must lie{_interval(low, high, low_open, high_open)}, got {value!r}")
         raise ValueError(f"{name} must be a finite number{_interval(low, high, low_open, high_open)}, got {value!r}")
 
 
