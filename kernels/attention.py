@@ -124,8 +124,8 @@ def _check_inputs(
 def _check_values(
     q: Tensor, k: Tensor, v: Tensor, key_class: Tensor | None, num_classes: int, positions: Tensor | None
 ) -> None:
-    """The checks that read the data: q, k, v finite (a NaN query would give a NaN, or on the GPU kernel a
-    zero, output row with NaN statistics), ``key_class`` and ``positions`` in range. Every minimum and
+    """The checks that read the data: q, k, v finite (a NaN query gives no usable output row
+    and NaN statistics), ``key_class`` and ``positions`` in range. Every minimum and
     maximum is stacked into one tensor, so they cost one host synchronisation in all."""
     named = [(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("key_class", key_class),
              ("positions", positions)) if x is not None and _can_inspect(x)]  # fmt: skip
