@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -26,28 +27,60 @@ def _can_inspect(x: Tensor) -> bool:
     return x.numel() > 0 and not torch.compiler.is_compiling()
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _is_integer(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_index_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_scale(sm_scale: float | None) -> None:
+    if sm_scale is not None and not (_is_number(sm_scale) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a finite number > 0 or None (1/sqrt(Dh)), got {sm_scale!r}")
+
+
 def _check_inputs(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     causal: bool,
-    stats: Sequence[str],
+    sm_scale: float | None,
+    stats: tuple[str, ...],
     key_class: Tensor | None,
     num_classes: int,
     query_label: Tensor | None,
     positions: Tensor | None,
     backend: str,
+    fp32_precision: str,
     validate: bool,
 ) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if fp32_precision not in ("tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
+    if not isinstance(validate, bool):
+        raise ValueError(f"validate must be True or False, got {validate!r}")
+    _check_scale(sm_scale)
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a tensor [B, H, T, Dh], got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must be [B, H, T, Dh], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[3] < 1:
+        raise ValueError(f"q must have a head dim Dh >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -56,19 +89,19 @@ def _check_inputs(
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     unknown = [s for s in stats if s not in SUPPORTED_STATS]
     if unknown:
-        raise ValueError(f"unknown statistics {unknown}; choose from {SUPPORTED_STATS}")
+        raise ValueError(f"stats {unknown} unknown; choose from {SUPPORTED_STATS}")
+    if not _is_integer(num_classes) or num_classes < 0:
+        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
     b, t_k = k.shape[0], k.shape[2]
     if "class_mass" in stats:
         if key_class is None or num_classes < 1:
             raise ValueError("stats 'class_mass' needs key_class [B, T] and num_classes >= 1")
+        if not _is_index_dtype(key_class.dtype):
+            raise ValueError(f"key_class must be an integer tensor of class ids, got {key_class.dtype}")
         if key_class.device != k.device:
             raise ValueError(f"key_class is on {key_class.device}, k on {k.device}")
         if key_class.shape != (b, t_k):
             raise ValueError(f"key_class must be [B, Tk] = {(b, t_k)}, got {tuple(key_class.shape)}")
-        if validate and _can_inspect(key_class):
-            low, high = _value_range(key_class)
-            if low < 0 or high >= num_classes:
-                raise ValueError(f"key_class values must lie in [0, {num_classes}), got [{low}, {high}]")
     if "same_label_mass" in stats:
         if q.shape[2] != t_k:
             raise ValueError("stats 'same_label_mass' needs self-attention (Tq == Tk)")
@@ -78,23 +111,39 @@ def _check_inputs(
         if query_label.device != q.device:
             raise ValueError(f"query_label is on {query_label.device}, q on {q.device}")
     if positions is not None:
-        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        if not _is_index_dtype(positions.dtype):
             raise ValueError(f"positions must be an integer index tensor, got {positions.dtype}")
         if positions.dim() not in (1, 2) or (positions.dim() == 2 and positions.shape[0] != b):
             raise ValueError(f"positions must be [P] or [B, P] with B = {b}, got shape {tuple(positions.shape)}")
         if positions.device != q.device:
             raise ValueError(f"positions is on {positions.device}, q on {q.device}")
-        if validate and _can_inspect(positions):
-            low, high = _value_range(positions)
-            if low < 0 or high >= q.shape[2]:
-                raise ValueError(f"positions must lie in [0, {q.shape[2]}) (the query length), got [{low}, {high}]")
+    if validate:
+        _check_values(q, k, v, key_class if "class_mass" in stats else None, num_classes, positions)
 
 
-def _value_range(x: Tensor) -> tuple[int, int]:
-    """``(min, max)`` of an integer tensor with one host synchronisation."""
-    low, high = torch.aminmax(x)
-    low, high = torch.stack([low, high]).tolist()
-    return int(low), int(high)
+def _check_values(
+    q: Tensor, k: Tensor, v: Tensor, key_class: Tensor | None, num_classes: int, positions: Tensor | None
+) -> None:
+    """The checks that read the data: q, k, v finite (a NaN query gives no usable output row
+    and NaN statistics), ``key_class`` and ``positions`` in range. Every minimum and
+    maximum is stacked into one tensor, so they cost one host synchronisation in all."""
+    named = [(name, x) for name, x in (("q", q), ("k", k), ("v", v), ("key_class", key_class),
+             ("positions", positions)) if x is not None and _can_inspect(x)]  # fmt: skip
+    if not named:
+        return
+    with torch.no_grad():
+        ranges = torch.stack([torch.stack(list(torch.aminmax(x))).double() for _, x in named]).tolist()
+    for (name, _), (low, high) in zip(named, ranges, strict=True):
+        if name in ("q", "k", "v") and not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(
+                f"{name} must be finite, got values from {low} to {high} (NaN or inf); validate=False skips this check"
+            )
+        if name == "key_class" and (low < 0 or high >= num_classes):
+            raise ValueError(f"key_class values must lie in [0, {num_classes}), got [{int(low)}, {int(high)}]")
+        if name == "positions" and (low < 0 or high >= q.shape[2]):
+            raise ValueError(
+                f"positions must lie in [0, {q.shape[2]}) (the query length), got [{int(low)}, {int(high)}]"
+            )
 
 
 def capture_attention(
@@ -118,7 +167,7 @@ def capture_attention(
     Args:
         q, k, v: ``[B, H, T, Dh]`` (any strides).
         causal: mask keys after the query.
-        sm_scale: score scale, ``1/sqrt(Dh)`` by default.
+        sm_scale: score scale, a finite number > 0 (``1/sqrt(Dh)`` by default).
         stats: names among ``lse``, ``entropy``, ``max_prob`` (``[B, H, T]``),
             ``class_mass`` (``[B, H, T, num_classes]``: attention mass on keys of
             each class given by ``key_class`` ``[B, T]``) and ``same_label_mass``
@@ -135,18 +184,21 @@ def capture_attention(
             ``"torch"`` (the reference) or ``"triton"`` (the kernel; on CPU tensors it
             needs ``TRITON_INTERPRET=1`` set before the first launch).
         fp32_precision: ``"tf32"`` (default) or ``"ieee"`` for the kernel's fp32 dots on GPU.
-        validate: check the *values* of ``key_class`` and ``positions`` (their range), which
-            reads them back from the device: one host synchronisation each on a GPU. A caller
-            that checked them once per batch (``ICLTransformer`` does) passes ``False`` so the
-            attention of every layer does not wait for the host. Shapes are always checked.
+        validate: check the *values*: q, k and v finite (no NaN or inf), ``key_class`` and
+            ``positions`` in range. That reads them back from the device: one host synchronisation
+            in all on a GPU, and one reduction over q, k and v. A caller that checked its inputs
+            once per batch (``ICLTransformer`` does, for ``key_class`` and ``positions``) passes
+            ``False`` so the attention of every layer does not wait for the host. Shapes, dtypes
+            and the other arguments are always checked.
 
     Returns:
         ``(out, stats)``: ``out`` like ``q``, differentiable; ``stats`` fp32, detached.
     """
-    stats = tuple(stats)
-    _check_inputs(q, k, v, causal, stats, key_class, num_classes, query_label, positions, backend, validate)
-    if fp32_precision not in ("tf32", "ieee"):
-        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
+    stats = (stats,) if isinstance(stats, str) else tuple(stats)
+    _check_inputs(
+        q, k, v, causal, sm_scale, stats, key_class, num_classes, query_label, positions, backend, fp32_precision,
+        validate,
+    )  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if positions is not None and positions.dim() == 1:
         positions = positions.expand(q.shape[0], -1)
@@ -268,6 +320,19 @@ def attention_probability(
     token for an induction score. Keys outside ``[0, Tk)`` (or after the query when
     ``causal``) get probability 0. Returns fp32 ``[B, H, Tq]``.
     """
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a floating-point tensor [B, H, T, Dh], got {got}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must be [B, H, Tq] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    if not _is_index_dtype(key_index.dtype):
+        raise ValueError(f"key_index must be an integer tensor of key positions, got {key_index.dtype}")
+    if key_index.shape not in ((q.shape[2],), (q.shape[0], q.shape[2])):
+        raise ValueError(f"key_index must be [T] or [B, T] = {(q.shape[0], q.shape[2])}, got {tuple(key_index.shape)}")
+    _check_scale(sm_scale)
     b, h, t_q, d = q.shape
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     idx = key_index.to(q.device).long().expand(b, t_q)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_icl.checks import check_flag, index_list, is_integer
 from lightning_icl.kernels import SUPPORTED_STATS
 from lightning_icl.kernels.reference import select_rows
 
@@ -19,13 +20,14 @@ class CaptureSpec:
     """What a forward pass should keep. Nothing that is not asked for is stored.
 
     Args:
-        layers: block indices to capture (negative counts from the end); ``None`` = all.
+        layers: block indices to capture (negative counts from the end), or one index; ``None`` = all.
         residual: keep the residual stream after each chosen block, ``[B, P, D]``.
         heads: keep per-head outputs z (input of the output projection, before any
             gating), ``[B, H, P, Dh]``.
-        stats: attention statistics to keep, among ``lse``, ``entropy``, ``max_prob``,
+        stats: attention statistics to keep (one name or several), among ``lse``, ``entropy``, ``max_prob``,
             ``class_mass``, ``same_label_mass``; ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``).
-        positions: ``"all"``, ``"last"``, or a long tensor of indices ``[P]`` or ``[B, P]``.
+        positions: ``"all"``, ``"last"``, or indices ``[P]`` or ``[B, P]``: an integer tensor, an integer
+            or a (nested) list of integers, kept as a long tensor.
         qk: keep queries and keys (after rotary) at every position, ``[B, H, T, Dh]``, so that
             single attention probabilities can be recovered with ``attention_probability``.
     """
@@ -38,21 +40,15 @@ class CaptureSpec:
     qk: bool = False
 
     def __post_init__(self) -> None:
-        self.stats = tuple(self.stats)
+        if self.layers is not None:
+            self.layers = tuple(index_list("CaptureSpec layers", self.layers))
+        for name in ("residual", "heads", "qk"):
+            check_flag(f"CaptureSpec {name}", getattr(self, name))
+        self.stats = (self.stats,) if isinstance(self.stats, str) else tuple(self.stats)
         unknown = [s for s in self.stats if s not in SUPPORTED_STATS]
         if unknown:
             raise ValueError(f"CaptureSpec stats {unknown} unknown; choose from {SUPPORTED_STATS}")
-        if isinstance(self.positions, str) and self.positions not in POSITION_MODES:
-            raise ValueError(
-                f"CaptureSpec positions must be one of {POSITION_MODES} or an index tensor, got {self.positions!r}"
-            )
-        if isinstance(self.positions, Tensor) and (
-            self.positions.dim() not in (1, 2) or self.positions.is_floating_point()
-        ):
-            raise ValueError(
-                "CaptureSpec positions tensor must be integer [P] or [B, P], "
-                f"got {self.positions.dtype} {tuple(self.positions.shape)}"
-            )
+        self.positions = _as_positions(self.positions)
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
@@ -83,6 +79,41 @@ class CaptureSpec:
         if idx.shape[0] != batch:
             raise ValueError(f"CaptureSpec positions has {idx.shape[0]} rows for a batch of {batch}")
         return idx
+
+
+def _as_positions(positions: object) -> str | Tensor:
+    """A position mode, or the indices as a long tensor ``[P]`` / ``[B, P]`` (from a tensor, an integer or
+    a (nested) list of integers)."""
+    if isinstance(positions, str):
+        if positions not in POSITION_MODES:
+            raise ValueError(f"CaptureSpec positions must be one of {POSITION_MODES} or indices, got {positions!r}")
+        return positions
+    if not isinstance(positions, Tensor):
+        if not (is_integer(positions) or isinstance(positions, (list, tuple))):
+            raise ValueError(
+                f"CaptureSpec positions must be one of {POSITION_MODES} or indices (an integer tensor [P] or "
+                f"[B, P], or a list of integers), got {positions!r}"
+            )
+        try:
+            converted = torch.tensor([positions] if is_integer(positions) else positions)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"CaptureSpec positions must be a list of integers or of rows of them, got {positions!r}"
+            ) from err
+        if converted.dtype == torch.bool or (converted.numel() and converted.is_floating_point()):
+            raise ValueError(f"CaptureSpec positions must be integers, got {positions!r}")
+        positions = converted.long()
+    if (
+        positions.dim() not in (1, 2)
+        or positions.is_floating_point()
+        or positions.is_complex()
+        or (positions.dtype == torch.bool)
+    ):
+        raise ValueError(
+            "CaptureSpec positions tensor must be integer [P] or [B, P] (indices, not a mask), "
+            f"got {positions.dtype} {tuple(positions.shape)}"
+        )
+    return positions
 
 
 @dataclass

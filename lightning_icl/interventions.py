@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_icl.adapters import Adapter
 from lightning_icl.capture import CaptureSpec
+from lightning_icl.checks import check_choice, check_number, check_optional_positive, check_positive
 
 ABLATIONS = ("zero", "mean", "resample")
 ATTRIBUTION_METHODS = ("integrated", "gradient")
@@ -40,8 +41,7 @@ def head_means(adapter: Adapter, batch) -> Tensor:
 def ablate_with(adapter: Adapter, batch, mode: str) -> str | Tensor | None:
     """The ``ablate_with`` of an ablation ``mode``: ``None`` (zero), ``"resample"``, or the heads'
     means on ``batch`` (mean)."""
-    if mode not in ABLATIONS:
-        raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
+    check_choice("mode", mode, ABLATIONS)
     return head_means(adapter, batch) if mode == "mean" else {"zero": None, "resample": "resample"}[mode]
 
 
@@ -57,13 +57,12 @@ def ablation_effects(
     positions only); on other models the batch is replicated once per head. ``gate`` is the
     value the ablated head's gate takes (0: full ablation; e.g. 0.95 for a small, partial one).
     """
-    if mode not in ABLATIONS:
-        raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
+    check_choice("mode", mode, ABLATIONS)
+    check_optional_positive("heads_per_forward", heads_per_forward)
+    check_number("gate", gate, 0.0, 1.0)
     n_l, n_h = adapter.n_layers, adapter.n_heads
     heads = [(layer, head) for layer in range(n_l) for head in range(n_h)]
     per = len(heads) if heads_per_forward is None else heads_per_forward
-    if per < 1:
-        raise ValueError(f"heads_per_forward must be >= 1, got {per}")
     mu = ablate_with(adapter, batch, mode)
     losses, accs, clean = [], [], None
     for start in range(0, len(heads), per):
@@ -133,18 +132,15 @@ def head_attribution(
     ``mode`` is the ablation the estimate is for (``"zero"``, ``"mean"``: the heads' means on
     ``batch``, ``"resample"``). ``heads_per_forward`` bounds the heads gated per pass.
     """
-    if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_choice("method", method, ATTRIBUTION_METHODS)
+    check_positive("steps", steps)
+    check_optional_positive("heads_per_forward", heads_per_forward)
     mu = ablate_with(adapter, batch, mode)
     if method == "gradient":
         return -gate_gradients(adapter, batch, mu).double()
     n_l, n_h = adapter.n_layers, adapter.n_heads
     heads = [(layer, head) for layer in range(n_l) for head in range(n_h)]
     per = len(heads) if heads_per_forward is None else heads_per_forward
-    if per < 1:
-        raise ValueError(f"heads_per_forward must be >= 1, got {per}")
     device = _device(adapter)
     total = torch.zeros(len(heads), dtype=torch.float64, device=device)
     for k in range(steps):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from functools import partial
 
 import lightning as L
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from lightning_icl import records
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.checkpoints import DivergenceError, catch_up_evaluation, check_finite_loss, seal, verify
+from lightning_icl.checks import check_choice, check_number, check_optional_positive, check_positive, is_number
 from lightning_icl.metrics import PerShotMean
 from lightning_icl.models import ICLTransformer
 from lightning_icl.optim import SCHEDULES, decay_groups, lr_factor
@@ -32,9 +35,14 @@ class ICLModule(L.LightningModule):
             init_std, attention_backend: the :class:`ICLTransformer`.
         max_seq_len: the model's context (default: the task's sequence length).
         lr, betas, eps, weight_decay: AdamW (decay on matrices, embeddings included).
-        warmup_steps, warmup_start_factor: linear warm-up from ``warmup_start_factor * lr``.
+        warmup_steps, warmup_start_factor: linear warm-up from ``warmup_start_factor * lr`` (in [0, 1])
+            over ``warmup_steps``, which may not exceed ``total_steps`` nor ``trainer.max_steps`` (checked
+            when the fit starts).
         schedule: ``"cosine"`` (down to ``min_lr_factor * lr`` at ``total_steps``) or ``"constant"``.
         total_steps: length of the cosine (default: ``trainer.max_steps``).
+
+    Every argument is checked here (the model's by :class:`ICLTransformer`): a bad one raises
+    ``ValueError`` naming it before anything is built.
 
     Logged: ``train/loss`` (and ``train/acc``); per evaluation split ``{stage}/{split}/{metric}``
     over all shots, ``..._shot0`` and ``..._last``, where metric is ``loss`` and ``acc``
@@ -75,23 +83,23 @@ class ICLModule(L.LightningModule):
         total_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if task is None:
-            raise ValueError("task is required: pass the DataModule's task_info (the CLI links it from --data)")
-        info = task if isinstance(task, TaskInfo) else TaskInfo(**task)
+        info = as_task_info(task)
         self.save_hyperparameters(ignore=["task"])
         self.hparams["task"] = info.as_dict()  # plain dict, so checkpoints and hparams.yaml stay portable
         if getattr(self, "_hparams_initial", None) is not None:  # what loggers write (hparams.yaml): the task too
             self._hparams_initial["task"] = info.as_dict()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if not 0 <= min_lr_factor <= 1:
-            raise ValueError(f"min_lr_factor must lie in [0, 1], got {min_lr_factor}")
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_betas(betas)
+        check_number("eps", eps, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_positive("warmup_steps", warmup_steps, minimum=0)
+        check_number("warmup_start_factor", warmup_start_factor, 0.0, 1.0)
+        check_choice("schedule", schedule, SCHEDULES)
+        check_number("min_lr_factor", min_lr_factor, 0.0, 1.0)
+        check_optional_positive("total_steps", total_steps)
+        if total_steps is not None and warmup_steps > total_steps:
+            raise ValueError(f"warmup_steps={warmup_steps} is longer than total_steps={total_steps}")
+        check_optional_positive("max_seq_len", max_seq_len)
         max_seq_len = info.seq_len if max_seq_len is None else max_seq_len
         if info.seq_len > max_seq_len:
             raise ValueError(
@@ -281,7 +289,13 @@ class ICLModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
         )
-        total = hp.total_steps or self.trainer.max_steps
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0 and hp.warmup_steps > max_steps:
+            raise ValueError(
+                f"warmup_steps={hp.warmup_steps} is longer than the run, trainer.max_steps={max_steps}: the learning "
+                "rate would never reach lr; lower warmup_steps or raise max_steps"
+            )
+        total = hp.total_steps or max_steps
         if hp.schedule == "cosine" and (total is None or total < 1):
             raise ValueError("the cosine schedule needs total_steps or trainer.max_steps")
         factor = partial(
@@ -294,6 +308,28 @@ class ICLModule(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def as_task_info(task: TaskInfo | Mapping | None) -> TaskInfo:
+    """The :class:`TaskInfo` of ``ICLModule``'s ``task`` argument (a TaskInfo or the dict of its fields)."""
+    if task is None:
+        raise ValueError("task is required: pass the DataModule's task_info (the CLI links it from --data)")
+    if isinstance(task, TaskInfo):
+        return task
+    if not isinstance(task, Mapping):
+        raise ValueError(f"task must be a TaskInfo or a dict of its fields, got {type(task).__name__} {task!r}")
+    fields = {f.name for f in dataclasses.fields(TaskInfo)}
+    unknown = sorted(set(task) - fields, key=str)
+    if unknown:
+        raise ValueError(f"task has fields {unknown} that a TaskInfo does not; its fields are {sorted(fields)}")
+    return TaskInfo(**task)
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    """AdamW's ``betas``: two numbers in [0, 1)."""
+    pair = list(betas) if isinstance(betas, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(is_number(b) and 0 <= b < 1 for b in pair):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def summarize(results: dict[str, float]) -> str:

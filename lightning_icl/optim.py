@@ -6,6 +6,8 @@ import math
 
 from torch import nn
 
+from lightning_icl.checks import check_choice, check_number
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -17,6 +19,7 @@ def lr_factor(
     Linear warm-up from ``warmup_start_factor`` to 1 over ``warmup_steps``, then
     cosine decay to ``min_lr_factor`` at ``total_steps`` (or constant 1).
     """
+    check_choice("schedule", schedule, SCHEDULES)
     if step < warmup_steps:
         return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
     if schedule == "constant":
@@ -27,6 +30,7 @@ def lr_factor(
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (embeddings included), none on norms and biases."""
+    check_number("weight_decay", weight_decay, low=0.0)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

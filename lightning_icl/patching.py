@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_icl.adapters import Adapter
 from lightning_icl.capture import CaptureSpec
+from lightning_icl.checks import check_choice, check_flag, check_number, check_optional_positive, index_list
 from lightning_icl.tasks.batch import ICLBatch
 
 
@@ -54,7 +55,7 @@ def _is_causal_lm(batch) -> bool:
 def check_prompt_layout(batch) -> None:
     """Raise ``ValueError`` unless zero-shot and shuffled prompts can be built from ``batch``."""
     if not (isinstance(batch, ICLBatch) or _is_causal_lm(batch)):
-        raise ValueError(f"prompts are built from {PROMPT_LAYOUTS}; got a {type(batch).__name__}")
+        raise ValueError(f"prompts are built from {PROMPT_LAYOUTS}: batch must be one, got a {type(batch).__name__}")
 
 
 def _answers(batch) -> Tensor:
@@ -192,8 +193,15 @@ class ConceptMeans:
 
 @torch.no_grad()
 def concept_means(adapter: Adapter, batches: Iterable, layers: list[int] | None = None) -> ConceptMeans:
-    """Per-concept mean residual stream at the final query after each layer in ``layers`` (default all)."""
-    layers = list(range(adapter.n_layers)) if layers is None else sorted({layer % adapter.n_layers for layer in layers})
+    """Per-concept mean residual stream at the final query after each layer in ``layers`` (default all;
+    negative indices count from the end)."""
+    n_l = adapter.n_layers
+    if layers is not None:
+        layers = index_list("layers", layers)
+        bad = [layer for layer in layers if not -n_l <= layer < n_l]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a model with {n_l} layers")
+    layers = list(range(n_l)) if layers is None else sorted({layer % n_l for layer in layers})
     sums = counts = None
     for batch in batches:
         last = final_query(adapter, batch)
@@ -267,8 +275,9 @@ def concept_patching(
     "other" concept of a row is the next concept (cyclically) among those with a mean. Zero-shot
     prompts need a batch in one of the ICL layouts (:func:`check_prompt_layout`).
     """
-    if method not in PATCH_METHODS:
-        raise ValueError(f"method must be one of {PATCH_METHODS}, got {method!r}")
+    check_choice("method", method, PATCH_METHODS)
+    check_number("scale", scale)
+    check_flag("zero_shot_prompts", zero_shot_prompts)
     concepts = means.concepts.to(adapter.concept(batch).device)
     if concepts.numel() < 2:
         raise ValueError("concept_patching needs the means of at least two concepts")
@@ -352,6 +361,7 @@ def function_vector_effects(
     demonstration answers are shuffled. All heads go in one forward over the batch replicated per
     head (``heads_per_forward`` bounds it)."""
     check_prompt_layout(batch)
+    check_optional_positive("heads_per_forward", heads_per_forward)
     n_l, n_h = adapter.n_layers, adapter.n_heads
     if tuple(head_means.shape) != (n_l, n_h, adapter.head_dim):
         expected = (n_l, n_h, adapter.head_dim)
@@ -361,8 +371,6 @@ def function_vector_effects(
     base_loss, base_prob = final_scores(adapter, adapter.forward(shuffled)[0], shuffled)
     heads = [(layer, head) for layer in range(n_l) for head in range(n_h)]
     per = len(heads) if heads_per_forward is None else heads_per_forward
-    if per < 1:
-        raise ValueError(f"heads_per_forward must be >= 1, got {per}")
     loss = torch.zeros(n_l, n_h, dtype=torch.float64, device=base_loss.device)
     prob = torch.zeros_like(loss) if base_prob is not None else None
     for start in range(0, len(heads), per):

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_icl.checks import check_number, index_list, is_number
+
 
 class HardConcrete(nn.Module):
     """Hard-concrete gates z in [0, 1], one per unit of ``shape``, with a closed-form L0 norm.
@@ -42,14 +44,18 @@ class HardConcrete(nn.Module):
         init_std: float = 0.01,
     ) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        low, high = stretch
-        if not (low < 0 and high > 1):
-            raise ValueError(f"stretch must be (l, r) with l < 0 < 1 < r, got {stretch}")
-        if init_std < 0:
-            raise ValueError(f"init_std must be >= 0, got {init_std}")
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = index_list("shape", shape)
+        if not shape or min(shape) < 1:
+            raise ValueError(f"shape must be one or more sizes >= 1, got {shape}")
+        shape = tuple(shape)
+        check_number("beta", beta, low=0.0, low_open=True)
+        pair = list(stretch) if isinstance(stretch, (tuple, list)) else []
+        finite = len(pair) == 2 and all(is_number(x) and math.isfinite(x) for x in pair)
+        if not finite or not pair[0] < 0 < 1 < pair[1]:
+            raise ValueError(f"stretch must be (l, r) with l < 0 < 1 < r, got {stretch!r}")
+        low, high = pair
+        check_number("init_mean", init_mean)
+        check_number("init_std", init_std, low=0.0)
         self.beta, self.low, self.high = beta, low, high
         self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std))
 
@@ -78,16 +84,22 @@ def keep_frequency(masks: Sequence[Tensor]) -> Tensor:
     """``[L, H]`` fraction of the subnetworks (masks ``[L, H]``, 1 = kept) that keep each head."""
     if len(masks) == 0:
         raise ValueError("masks is empty: give at least one [L, H] mask")
-    stacked = torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in masks])
+    tensors = [torch.as_tensor(m, dtype=torch.float64) for m in masks]
+    shapes = sorted({tuple(m.shape) for m in tensors})
+    if len(shapes) > 1:
+        raise ValueError(f"masks must all have one shape [L, H], got shapes {shapes}")
+    stacked = torch.stack(tensors)
     if stacked.dim() != 3:
         raise ValueError(f"masks must each be [L, H], got {tuple(stacked.shape[1:])}")
+    low, high = float(stacked.min()), float(stacked.max())
+    if not (low >= 0 and high <= 1):  # NaN fails too
+        raise ValueError(f"masks must hold values in [0, 1] (1 = kept), got values from {low} to {high}")
     return stacked.mean(dim=0)
 
 
 def heuristic_core(masks: Sequence[Tensor], fraction: float = 1.0) -> Tensor:
     """``[L, H]`` bool: the heads kept by at least ``fraction`` of the subnetworks (1.0: by all)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    check_number("fraction", fraction, 0.0, 1.0, low_open=True)
     return keep_frequency(masks) >= fraction - 1e-9
 
 
@@ -106,11 +118,23 @@ def effective_size(
     may do better than the full one), and counts at its mean achieved sparsity. With no
     qualifying group the effective size is 100: the task needs the whole model.
     """
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    full = full_acc[split] if isinstance(full_acc, Mapping) else float(full_acc)
+    check_number("margin", margin, low=0.0)
+    if not isinstance(split, str):
+        raise ValueError(f"split must be a split name, got {split!r}")
+    if len(results) == 0:
+        raise ValueError("results is empty: give at least one record of a pruned subnetwork")
+    if isinstance(full_acc, Mapping):
+        if split not in full_acc:
+            raise ValueError(f"full_acc has no accuracy for split {split!r}, only for {sorted(full_acc)}")
+        full = full_acc[split]
+        check_number(f"full_acc[{split!r}]", full, 0.0, 1.0)
+    else:
+        check_number("full_acc", full_acc, 0.0, 1.0)
+        full = float(full_acc)
     groups: dict[float, list[Mapping]] = defaultdict(list)
-    for record in results:
+    for i, record in enumerate(results):
+        if not isinstance(record, Mapping) or not {"target_sparsity", "sparsity", "accuracy"} <= set(record):
+            raise ValueError(f"results[{i}] must hold target_sparsity, sparsity and accuracy (as in mask.json)")
         if split not in record["accuracy"]:
             raise ValueError(f"split {split!r} is not among the results' splits {sorted(record['accuracy'])}")
         groups[round(float(record["target_sparsity"]), 6)].append(record)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_icl.capture import CaptureSpec
+from lightning_icl.checks import check_choice, check_flag, check_number, check_positive
 from lightning_icl.module import ICLModule
 from lightning_icl.pruning import HardConcrete
 from lightning_icl.tasks.batch import ICLBatch
@@ -94,20 +95,21 @@ class SubnetworkPruning(L.LightningModule):
         if not isinstance(module, ICLModule):
             raise TypeError(f"module must be an ICLModule, got {type(module).__name__}")
         if not module.is_tokens:
-            raise ValueError("SubnetworkPruning needs a token task (answers scored by a distribution over tokens)")
-        if not 0 <= target_sparsity < 1:
-            raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise ValueError(
+                "module must be trained on a token task: SubnetworkPruning scores answers by a distribution over "
+                f"tokens, and this one's task is {module.task.kind!r}"
+            )
+        check_number("target_sparsity", target_sparsity, 0.0, 1.0, high_open=True)
+        check_positive("warmup_steps", warmup_steps, minimum=0)
         for name, value in (("lr", lr), ("lambda_lr", lambda_lr)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if kl not in DIVERGENCES:
-            raise ValueError(f"kl must be one of {DIVERGENCES}, got {kl!r}")
-        if mean_batches < 1:
-            raise ValueError(f"mean_batches must be >= 1, got {mean_batches}")
+            check_number(name, value, low=0.0, low_open=True)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("kl", kl, DIVERGENCES)
+        check_positive("mean_batches", mean_batches)
+        check_flag("per_position_mean", per_position_mean)
+        check_number("init_log_alpha", init_log_alpha)
+        if seed is not None:
+            check_positive("seed", seed, minimum=None)
         # the seed is kept out of hparams: it would clash with the DataModule's own ``seed``
         self.save_hyperparameters(ignore=["module", "seed"])
         self.seed = seed

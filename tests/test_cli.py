@@ -13,7 +13,13 @@ from lightning_icl.cli import main
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
 # Shrink any config to a few CPU steps; data overrides per DataModule keep it valid.
-SHRINK_MODEL = ["--model.init_args.d_model=32", "--model.init_args.n_heads=2", "--model.init_args.n_layers=1"]
+# (no warm-up: the configs warm up over more steps than the shrunk run has, which ICLModule refuses)
+SHRINK_MODEL = [
+    "--model.init_args.d_model=32",
+    "--model.init_args.n_heads=2",
+    "--model.init_args.n_layers=1",
+    "--model.init_args.warmup_steps=0",
+]
 SHRINK_DATA = {
     "ModularArithmeticDataModule": [
         "--data.init_args.num_tasks=4",
@@ -120,7 +126,7 @@ FLAGS = ["--model=ICLModule", "--data=ModularArithmeticDataModule", "--trainer.m
     ("args", "message"),
     [
         (["--data.p=9"], "p must be a prime, got 9"),
-        (["--model.lr=-1"], "lr must be > 0, got -1.0"),
+        (["--model.lr=-1"], "lr must be a finite number > 0, got -1"),
         (["--data.num_tasks=0"], "num_tasks must be"),
         (["--model.n_heads=3"], "n_heads"),
         (["--ckpt_path=/nowhere/last.ckpt"], "checkpoint /nowhere/last.ckpt does not exist"),
@@ -198,7 +204,8 @@ def test_circuits_add_on_config_measures_overlap_between_the_families(tmp_path):
     config = next(c for c in CONFIGS if "multi_family" in c)
     add_on = os.path.join(os.path.dirname(config), "add", "circuits.yaml")
     args = shrunk(tmp_path, config)
-    main(["fit", *args[:1], f"--config={add_on}", *args[1:]])
+    # the add-on reads 2 held-out batches per family: the shrunk data keeps 2 (not 1) of them
+    main(["fit", *args[:1], f"--config={add_on}", *args[1:], "--data.init_args.num_eval_batches=2"])
     record = json.loads((tmp_path / "run" / "version_0" / "circuits.jsonl").read_text().splitlines()[-1])
     assert record["families"] == ["modular", "bitwise"]
 

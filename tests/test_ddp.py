@@ -50,7 +50,7 @@ def test_training_under_ddp_gives_each_rank_its_own_batches(tmp_path):
     record = tmp_path / "batches.json"
     torch.manual_seed(0)
     data = tiny_modular()
-    module = tiny_module(data)
+    module = tiny_module(data, warmup_steps=2)
     trainer = L.Trainer(**ddp(tmp_path, max_steps=4, val_check_interval=4, callbacks=[RecordTrainBatches(str(record))]))
     trainer.fit(module, data)
     per_rank = json.loads(record.read_text())

@@ -39,7 +39,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_weight_decay_covers_matrices_and_embeddings_only(modular_data, tmp_path):
     module = tiny_module(modular_data)
-    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=1, logger=False))
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=10, logger=False))
     module.trainer = trainer
     opt = module.configure_optimizers()["optimizer"]
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
@@ -53,7 +53,7 @@ def test_weight_decay_covers_matrices_and_embeddings_only(modular_data, tmp_path
     [
         (dict(max_seq_len=10), "longer than max_seq_len=10"),
         (dict(d_model=24, n_heads=3), "head dimension of 8"),
-        (dict(lr=0.0), "lr must be > 0"),
+        (dict(lr=0.0), "lr must be a finite number > 0"),
         (dict(schedule="step"), "schedule must be one of"),
         (dict(warmup_steps=-1), "warmup_steps"),
     ],

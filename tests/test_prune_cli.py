@@ -48,7 +48,7 @@ def test_checkpoint_gives_back_the_module_and_the_datamodule(checkpoint):
 def test_datamodule_of_a_plain_trainer_fit_is_found_by_its_arguments(tmp_path):
     data = tiny_modular(p=5)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=1, limit_val_batches=0, logger=False))
-    trainer.fit(tiny_module(data), data)
+    trainer.fit(tiny_module(data, warmup_steps=0), data)
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     rebuilt = load_datamodule(str(tmp_path / "plain.ckpt"))
     assert type(rebuilt) is type(data) and rebuilt.p == 5

@@ -96,9 +96,10 @@ def make_flex(causal: bool, device: str):
 
 def provider_fn(name: str, causal: bool, key_class, labels) -> Callable:
     device = key_class.device.type
-    kw = dict(key_class=key_class, num_classes=NUM_CLASSES, query_label=labels)
+    # validate=False: the attention is timed, not the value checks (a reduction over q, k, v and a host sync)
+    kw = dict(key_class=key_class, num_classes=NUM_CLASSES, query_label=labels, validate=False)
     if name == "kernel":
-        return lambda q, k, v: capture_attention(q, k, v, causal=causal, backend="triton")[0]
+        return lambda q, k, v: capture_attention(q, k, v, causal=causal, backend="triton", validate=False)[0]
     if name.startswith("kernel+") or name == "reference+all":
         stat = name.split("+", 1)[1]
         stats = SUPPORTED_STATS if stat == "all" else (stat,)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lightning_icl.capture import CaptureSpec
+from lightning_icl.checks import check_flag, check_positive
 from lightning_icl.kernels import SUPPORTED_STATS, attention_probability
 
 from .base import ICLCallback, draw_heatmap
@@ -28,11 +29,16 @@ class AttentionStatistics(ICLCallback):
     def __init__(
         self, every_n_steps: int = 50, stats: tuple[str, ...] | list[str] = SUPPORTED_STATS, previous_token: bool = True
     ) -> None:
+        check_positive("every_n_steps", every_n_steps)  # it reads training steps: None would never record
         super().__init__(every_n_steps, on_validation=False)
+        stats = (stats,) if isinstance(stats, str) else tuple(stats)
         unknown = [s for s in stats if s not in SUPPORTED_STATS]
         if unknown:
             raise ValueError(f"stats {unknown} unknown; choose from {SUPPORTED_STATS}")
-        self.stats, self.previous_token = tuple(stats), previous_token
+        check_flag("previous_token", previous_token)
+        if not stats and not previous_token:
+            raise ValueError("stats must name at least one statistic when previous_token=False, got ()")
+        self.stats, self.previous_token = stats, previous_token
         self._armed = False
 
     needs_held_out = False  # it reads the training step itself

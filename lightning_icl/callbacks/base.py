@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_icl import records
 from lightning_icl.adapters import Adapter, adapter_for
 from lightning_icl.checkpoints import catch_up_evaluation, check_finite_loss, seal, verify
+from lightning_icl.checks import check_flag, check_optional_positive, check_positive
 
 
 class ICLCallback(L.Callback):
@@ -24,7 +25,8 @@ class ICLCallback(L.Callback):
         every_n_steps: run after every N optimizer steps (``None``: never on steps).
         on_validation: run at the end of every validation (never during the sanity check).
         num_batches: held-out batches to evaluate on (from the DataModule's validation
-            loader ``dataloader_idx``), shared out between DDP ranks.
+            loader ``dataloader_idx``), shared out between DDP ranks; at most what the loader holds
+            (checked when the run starts).
         dataloader_idx: which validation loader (e.g. split) to draw from.
         tag: tells apart two callbacks of one class in a Trainer (e.g. two splits): files,
             logged names and checkpoint state use ``<name>_<tag>`` instead of ``<name>``.
@@ -50,12 +52,10 @@ class ICLCallback(L.Callback):
         dataloader_idx: int = 0,
         tag: str | None = None,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-        if dataloader_idx < 0:
-            raise ValueError(f"dataloader_idx must be >= 0, got {dataloader_idx}")
+        check_optional_positive("every_n_steps", every_n_steps)
+        check_flag("on_validation", on_validation)
+        check_positive("num_batches", num_batches)
+        check_positive("dataloader_idx", dataloader_idx, minimum=0)
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
         self.num_batches, self.dataloader_idx = num_batches, dataloader_idx
         if tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
@@ -118,7 +118,27 @@ class ICLCallback(L.Callback):
                     f"{type(self).__name__} cannot find the answers in the held-out batches of "
                     f"{type(pl_module).__name__} (a {type(batch).__name__}): {err}"
                 ) from err
+            self.check_num_batches(loaders, self.held_out_loaders(trainer, pl_module))
         self.check(trainer, pl_module, adapter, batch)
+
+    def held_out_loaders(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[int]:
+        """The validation loaders a measurement reads ``num_batches`` batches from (checked at setup)."""
+        return [self.dataloader_idx]
+
+    def check_num_batches(self, loaders: list, indices: list[int]) -> None:
+        """Raise when one of the loaders ``indices`` holds fewer than ``num_batches`` batches: the
+        measurement would silently run on fewer points than asked for."""
+        for idx in indices:
+            try:
+                length = len(loaders[idx])
+            except TypeError:  # a loader without a length: nothing to check
+                continue
+            if self.num_batches > length:
+                raise ValueError(
+                    f"{type(self).__name__}: num_batches={self.num_batches} but validation loader {idx} holds "
+                    f"{length} batch(es); lower num_batches or give the DataModule more evaluation batches "
+                    "(num_eval_batches)"
+                )
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule, adapter: Adapter, batch: Any) -> None:
         """Subclasses: raise ``ValueError`` naming the argument that cannot work with this model

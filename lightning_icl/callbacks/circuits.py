@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from lightning_icl.checks import check_choice, check_number, check_positive, is_integer
 from lightning_icl.interventions import ABLATIONS, ablation_effects, head_attribution
 
 from .base import ICLCallback
@@ -80,22 +82,23 @@ class CircuitOverlap(ICLCallback):
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, tag=tag)
-        if attribution_steps < 1:
-            raise ValueError(f"attribution_steps must be >= 1, got {attribution_steps}")
+        check_positive("attribution_steps", attribution_steps)
         self.attribution_steps = attribution_steps
-        if not 0 < top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if mode not in ABLATIONS:
-            raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
+        check_number("top_fraction", top_fraction, 0.0, 1.0, low_open=True)
+        check_choice("score", score, SCORES)
+        check_choice("mode", mode, ABLATIONS)
         if families is not None:
-            families = {name: [idx] if isinstance(idx, int) else list(idx) for name, idx in families.items()}
+            if not isinstance(families, Mapping):
+                raise ValueError(f"families must be a mapping name -> loader index or indices, got {families!r}")
+            families = {name: [idx] if is_integer(idx) else idx for name, idx in families.items()}
             if len(families) < 2:
                 raise ValueError(f"families must name at least two families, got {list(families)}")
             for name, idxs in families.items():
-                if not idxs or any(not isinstance(i, int) or i < 0 for i in idxs):
-                    raise ValueError(f"families[{name!r}] must be loader indices >= 0, got {idxs}")
+                if isinstance(idxs, str) or not isinstance(idxs, Sequence) or not idxs:
+                    raise ValueError(f"families[{name!r}] must be loader indices >= 0, got {idxs!r}")
+                if any(not is_integer(i) or i < 0 for i in idxs):
+                    raise ValueError(f"families[{name!r}] must be loader indices >= 0, got {list(idxs)}")
+            families = {name: list(idxs) for name, idxs in families.items()}
         self.families, self.top_fraction, self.score, self.mode = families, top_fraction, score, mode
 
     def family_loaders(self, trainer) -> dict[str, list[int]]:
@@ -120,6 +123,10 @@ class CircuitOverlap(ICLCallback):
             if max(idxs) >= len(loaders):
                 raise ValueError(f"families[{name!r}] names loader {max(idxs)} but there are {len(loaders)}")
         return found
+
+    def held_out_loaders(self, trainer, pl_module) -> list[int]:
+        """Every family's loaders (``num_batches`` from each); raises when fewer than two families are found."""
+        return sorted({idx for idxs in self.family_loaders(trainer).values() for idx in idxs})
 
     def check(self, trainer, pl_module, adapter, batch) -> None:
         self.family_loaders(trainer)  # raises when fewer than two families can be found

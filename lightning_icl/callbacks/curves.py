@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_icl.checks import check_flag
 from lightning_icl.metrics.shots import per_shot_sums
 from lightning_icl.tasks.batch import ICLBatch
 
@@ -44,8 +45,18 @@ class ICLCurves(ICLCallback):
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, tag=tag)
+        check_flag("by_concept", by_concept)
         self.by_concept = by_concept
         self._from_validation: dict[int, _Sums] = {}  # sums read from the running validation pass
+
+    def held_out_loaders(self, trainer, pl_module) -> list[int]:
+        """Every loader when the callback runs batches itself (every ``every_n_steps``, or on a model
+        whose validation pass it cannot read); none when it only reads ``ICLModule``'s validation."""
+        from lightning_icl.module import ICLModule
+
+        if self.every_n_steps or not isinstance(pl_module, ICLModule):
+            return list(range(len(self.validation_loaders(trainer))))
+        return []
 
     def check(self, trainer, pl_module, adapter, batch) -> None:
         if self.by_concept and batch is not None:

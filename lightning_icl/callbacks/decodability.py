@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lightning_icl.capture import CaptureSpec
+from lightning_icl.checks import check_choice, check_flag, check_positive
 from lightning_icl.metrics import ConceptDecodability as DecodabilityMetric
 from lightning_icl.metrics.functional import (
     DISTANCES,
@@ -66,12 +67,12 @@ class ConceptDecodability(ICLCallback):
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-        if permutations < 0 or bootstrap < 0:
-            raise ValueError(f"permutations and bootstrap must be >= 0, got {permutations} and {bootstrap}")
+        check_positive("k", k)
+        check_choice("distance", distance, DISTANCES)
+        check_positive("permutations", permutations, minimum=0)
+        check_positive("bootstrap", bootstrap, minimum=0)
+        check_flag("probe", probe)
+        check_flag("by_shot", by_shot)
         self.k, self.distance, self.probe, self.by_shot = k, distance, probe, by_shot
         self.permutations, self.bootstrap = permutations, bootstrap
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lightning_icl.checks import check_choice, check_optional_positive, check_positive
 from lightning_icl.interventions import ABLATIONS, ablation_effects, head_attribution
 
 from .base import ICLCallback, heatmap
@@ -47,10 +48,9 @@ class HeadAblation(ICLCallback):
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
-        if mode not in ABLATIONS:
-            raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
-        if heads_per_forward is not None and heads_per_forward < 1:
-            raise ValueError(f"heads_per_forward must be >= 1 or None, got {heads_per_forward}")
+        check_choice("mode", mode, ABLATIONS)
+        check_optional_positive("heads_per_forward", heads_per_forward)
+        check_positive("top_k", top_k)
         self.mode, self.top_k, self.heads_per_forward = mode, top_k, heads_per_forward
 
     def measure(self, trainer, pl_module) -> dict[str, Any]:
@@ -143,16 +143,12 @@ class HeadAttribution(ICLCallback):
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
-        if method not in ATTRIBUTION_CALLBACK_METHODS:
-            raise ValueError(f"method must be one of {ATTRIBUTION_CALLBACK_METHODS}, got {method!r}")
-        if mode not in ABLATIONS:
-            raise ValueError(f"mode must be one of {ABLATIONS}, got {mode!r}")
+        check_choice("method", method, ATTRIBUTION_CALLBACK_METHODS)
+        check_choice("mode", mode, ABLATIONS)
         if method == "training" and mode != "zero":
             raise ValueError(f"method='training' estimates zero ablation only; got mode={mode!r} (use mode='zero')")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        check_positive("steps", steps)
+        check_positive("top_k", top_k)
         self.method, self.mode, self.steps, self.top_k = method, mode, steps, top_k
         self._gates: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lightning_icl.checks import check_choice, check_flag, check_number, index_list
 from lightning_icl.patching import (
     PATCH_METHODS,
     ConceptMeans,
@@ -63,9 +64,11 @@ class ConceptPatching(ICLCallback):
         super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
         if num_batches < 2:
             raise ValueError(f"num_batches must be >= 2 (half give the means, half are patched), got {num_batches}")
-        if method not in PATCH_METHODS:
-            raise ValueError(f"method must be one of {PATCH_METHODS}, got {method!r}")
-        self.layers = None if layers is None else list(layers)
+        check_choice("method", method, PATCH_METHODS)
+        check_number("scale", scale)
+        check_flag("zero_shot", zero_shot)
+        check_flag("function_vectors", function_vectors)
+        self.layers = None if layers is None else index_list("layers", layers)
         self.method, self.scale = method, scale
         self.zero_shot, self.function_vectors = zero_shot, function_vectors
 

@@ -6,6 +6,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_icl.checks import check_choice, check_positive
+
 from .functional import DISTANCES, concept_decodability
 
 
@@ -29,10 +31,8 @@ class ConceptDecodability(Metric):
 
     def __init__(self, k: int = 10, distance: str = "euclidean", **kwargs) -> None:
         super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        check_positive("k", k)
+        check_choice("distance", distance, DISTANCES)
         self.k, self.distance = k, distance
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")

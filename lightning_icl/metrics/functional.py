@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_icl.checks import check_choice, check_number, check_positive
+
 DISTANCES = ("euclidean", "cosine")
 
 
 def _check_k(k: int, n: int) -> None:
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_positive("k", k)
     if k > n - 1:
         raise ValueError(
             f"k={k} neighbours but only {n - 1} other points to vote (N = {n}): lower k or evaluate more points"
@@ -24,8 +25,7 @@ def _check_k(k: int, n: int) -> None:
 def knn_neighbours(features: Tensor, k: int = 10, distance: str = "euclidean") -> Tensor:
     """``[N, k]`` indices of each point's ``k`` nearest other points, closest first (leave-one-out)."""
     n = features.shape[0]
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    check_choice("distance", distance, DISTANCES)
     if n < 2:
         raise ValueError(f"leave-one-out kNN needs at least 2 points, got {n}")
     _check_k(k, n)
@@ -136,10 +136,9 @@ def decodability_baselines(
 
     The neighbours are found once per layer, so each shuffle only re-votes: shuffles are cheap.
     """
-    if permutations < 1 or bootstrap < 1:
-        raise ValueError(f"permutations and bootstrap must be >= 1, got {permutations} and {bootstrap}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    check_positive("permutations", permutations)
+    check_positive("bootstrap", bootstrap)
+    check_number("level", level, 0.0, 1.0, low_open=True, high_open=True)
     layers, _ = _layers(features, labels)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     n = labels.numel()
@@ -176,8 +175,7 @@ def ridge_probe_accuracy(
     Features are centred and scaled with the training statistics; ``ridge`` is relative to
     the mean eigenvalue of the training covariance. Test labels never seen in training count as wrong.
     """
-    if ridge <= 0:
-        raise ValueError(f"ridge must be > 0, got {ridge}")
+    check_number("ridge", ridge, low=0.0, low_open=True)
     classes, dense = torch.unique(train_labels, return_inverse=True)
     x, xt = train_features.double(), test_features.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-12)

@@ -6,9 +6,20 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_icl.checks import check_positive
+
 
 def per_shot_sums(values: Tensor, shot: Tensor, num_shots: int) -> tuple[Tensor, Tensor]:
     """Sum and count of ``values`` ``[N]`` per shot index ``shot`` ``[N]`` (in ``[0, num_shots)``)."""
+    check_positive("num_shots", num_shots)
+    if shot.dtype.is_floating_point or shot.dtype.is_complex or shot.dtype == torch.bool:
+        raise ValueError(f"shot must be an integer tensor of shot indices, got {shot.dtype}")
+    if shot.shape != values.shape:
+        raise ValueError(f"shot must have the shape of values {tuple(values.shape)}, got {tuple(shot.shape)}")
+    if shot.numel():
+        low, high = torch.stack(list(torch.aminmax(shot))).tolist()  # one host sync
+        if low < 0 or high >= num_shots:
+            raise ValueError(f"shot indices must lie in [0, {num_shots}), got [{low}, {high}]")
     shot = shot.long()
     total = torch.zeros(num_shots, dtype=torch.float64, device=values.device).index_add_(0, shot, values.double())
     count = torch.zeros(num_shots, dtype=torch.float64, device=values.device).index_add_(
@@ -39,8 +50,7 @@ class PerShotMean(Metric):
 
     def __init__(self, num_shots: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        if num_shots < 1:
-            raise ValueError(f"num_shots must be >= 1, got {num_shots}")
+        check_positive("num_shots", num_shots)
         self.num_shots = num_shots
         self.add_state("total", torch.zeros(num_shots, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(num_shots, dtype=torch.float64), dist_reduce_fx="sum")

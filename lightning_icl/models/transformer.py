@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_icl.capture import Capture, CaptureSpec, gather_positions
+from lightning_icl.checks import check_choice, check_flag, check_number, check_optional_positive, check_positive
 from lightning_icl.kernels import BACKENDS, capture_attention, check_head_dim
 
 POSITIONAL = ("rope", "learned", "none")
@@ -209,6 +210,8 @@ class ICLTransformer(nn.Module):
         attention_backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_positive("vocab_size", vocab_size, minimum=0)
+        check_positive("input_dim", input_dim, minimum=0)
         if (vocab_size > 0) == (input_dim > 0):
             raise ValueError(
                 "give exactly one of vocab_size (token tasks) and input_dim (vector tasks), "
@@ -221,17 +224,17 @@ class ICLTransformer(nn.Module):
             ("max_seq_len", max_seq_len),
             ("output_dim", output_dim),
         ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_positive(name, value)
+        check_optional_positive("d_mlp", d_mlp)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         check_head_dim(d_model // n_heads, argument=f"d_model / n_heads = {d_model}/{n_heads}")
-        if positional not in POSITIONAL:
-            raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
+        check_choice("positional", positional, POSITIONAL)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("attention_backend", attention_backend, BACKENDS)
+        check_flag("bias", bias)
+        check_flag("tie_embeddings", tie_embeddings)
+        check_number("init_std", init_std, low=0.0)
         self.n_layers, self.n_heads, self.d_model = n_layers, n_heads, d_model
         self.head_dim, self.max_seq_len = d_model // n_heads, max_seq_len
         self.is_token_model = vocab_size > 0

@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_icl.checks import check_choice, check_noise, check_positive  # noqa: F401 (check_noise: re-exported)
+
 from .batch import ICLBatch
 
 BATCH_FORMATS = ("icl", "causal_lm")
@@ -77,6 +79,9 @@ class FixedBatches(Dataset):
         return self.sampler(generator_for(self.seed, self.name, index), index)
 
 
+TASK_KINDS = ("tokens", "vectors")
+
+
 @dataclass
 class TaskInfo:
     """What a model needs to know about a task family.
@@ -96,6 +101,22 @@ class TaskInfo:
     eval_splits: list[str] = field(default_factory=list)
     token_class_names: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_choice("TaskInfo kind", self.kind, TASK_KINDS)
+        for name, minimum in (
+            ("seq_len", 1),
+            ("num_shots", 1),
+            ("vocab_size", 1 if self.kind == "tokens" else 0),
+            ("input_dim", 1 if self.kind == "vectors" else 0),
+            ("num_token_classes", 1),
+            ("num_concepts", 1),
+        ):
+            check_positive(f"TaskInfo {name}", getattr(self, name), minimum)
+        for name in ("eval_splits", "token_class_names"):
+            values = getattr(self, name)
+            if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"TaskInfo {name} must be a list of names, got {values!r}")
+
     def class_names(self) -> list[str]:
         """A name per token class: ``token_class_names``, or ``class <i>`` where none were given."""
         names = list(self.token_class_names)
@@ -103,16 +124,6 @@ class TaskInfo:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_noise(noise_std: float) -> None:
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
 
 
 class ICLDataModule(L.LightningDataModule, ABC):
@@ -132,14 +143,14 @@ class ICLDataModule(L.LightningDataModule, ABC):
         batch_format: str = "icl",
     ) -> None:
         super().__init__()
-        if batch_format not in BATCH_FORMATS:
-            raise ValueError(f"batch_format must be one of {BATCH_FORMATS}, got {batch_format!r}")
+        check_choice("batch_format", batch_format, BATCH_FORMATS)
         self.batch_format = batch_format
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         check_positive("batch_size", batch_size)
         check_positive("eval_batch_size", eval_batch_size)
         check_positive("num_eval_batches", num_eval_batches)
         check_positive("num_workers", num_workers, minimum=0)
+        check_positive("seed", seed, minimum=None)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.num_eval_batches, self.num_workers = num_eval_batches, num_workers
 

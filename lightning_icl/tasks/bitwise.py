@@ -13,7 +13,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .base import ICLDataModule, Sampler, TaskInfo, check_positive, generator_for
+from lightning_icl.checks import check_flag, check_number, check_positive
+
+from .base import ICLDataModule, Sampler, TaskInfo, generator_for
 from .batch import ICLBatch
 from .modular import split_inputs, triples_batch
 
@@ -91,11 +93,11 @@ class BitwiseDataModule(ICLDataModule):
         ops = list(ops)
         if len(set(ops)) != len(ops):
             raise ValueError(f"ops must not repeat a name, got {ops!r}")
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        check_number("alpha", alpha, 0.0, 1.0, low_open=True)
         if round(alpha * 4**n_bits) < 1:
             raise ValueError(f"alpha={alpha} leaves no (x1, x2) pair for training with n_bits={n_bits}")
         check_positive("num_shots", num_shots)
+        check_flag("balanced", balanced)
         if balanced and batch_size % len(ops):
             raise ValueError(f"batch_size={batch_size} must be a multiple of len(ops)={len(ops)} when balanced=True")
         self.n_bits, self.num_shots, self.balanced = n_bits, num_shots, balanced

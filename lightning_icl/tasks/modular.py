@@ -12,7 +12,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .base import ICLDataModule, Sampler, TaskInfo, check_positive, generator_for
+from lightning_icl.checks import check_choice, check_flag, check_number, check_positive, is_integer
+
+from .base import ICLDataModule, Sampler, TaskInfo, generator_for
 from .batch import ICLBatch
 
 TASK_RULES = ("rectangular", "random")
@@ -146,21 +148,22 @@ class ModularArithmeticDataModule(ICLDataModule):
         batch_format: str = "icl",
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format)
-        if not isinstance(p, int) or not is_prime(p):
+        if not is_integer(p) or not is_prime(p):
             raise ValueError(f"p must be a prime, got {p!r}")
-        if task_rule not in TASK_RULES:
-            raise ValueError(f"task_rule must be one of {TASK_RULES}, got {task_rule!r}")
+        check_choice("task_rule", task_rule, TASK_RULES)
+        if task_rule == "rectangular" and p < 3:
+            raise ValueError(f"p must be >= 3 with task_rule='rectangular' (a rectangle needs 3 numbers), got {p}")
         check_positive("num_tasks", num_tasks)
         if num_tasks > p * p:
             raise ValueError(f"num_tasks={num_tasks} is larger than the task space p^2={p * p}")
         if task_rule == "rectangular" and num_tasks % 4:
             raise ValueError(f"num_tasks must be a multiple of 4 with task_rule='rectangular', got {num_tasks}")
         check_positive("num_ood_tasks", num_ood_tasks, minimum=0)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        check_number("alpha", alpha, 0.0, 1.0, low_open=True)
         if round(alpha * p * p) < 1:
             raise ValueError(f"alpha={alpha} leaves no (x, y) pair for training with p={p}")
         check_positive("num_shots", num_shots)
+        check_flag("balanced", balanced)
         if balanced and batch_size % num_tasks:
             raise ValueError(f"batch_size={batch_size} must be a multiple of num_tasks={num_tasks} when balanced=True")
         self.p, self.num_shots, self.balanced = p, num_shots, balanced

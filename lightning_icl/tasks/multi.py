@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .base import FixedBatches, ICLDataModule, Sampler, TaskInfo, check_positive, derive_seed, generator_for
+from lightning_icl.checks import check_flag, check_number, check_positive
+
+from .base import FixedBatches, ICLDataModule, Sampler, TaskInfo, derive_seed, generator_for
 from .batch import ICLBatch
 
 
@@ -176,6 +178,7 @@ class MultiFamilyDataModule(ICLDataModule):
         self.family_names = list(families)
         self._check_layouts()
         self.weights = self._normalised(weights)
+        check_flag("disjoint_vocab", disjoint_vocab)
         self.disjoint_vocab = disjoint_vocab
         infos = [family.task_info for family in families.values()]
         self.concept_offsets = dict(zip(self.family_names, _cumulative([i.num_concepts for i in infos]), strict=True))
@@ -208,8 +211,10 @@ class MultiFamilyDataModule(ICLDataModule):
         if not isinstance(weights, dict) or set(weights) != set(self.family_names):
             got = list(weights) if isinstance(weights, dict) else weights
             raise ValueError(f"weights must give one value per family {self.family_names}, got {got!r}")
+        for name in self.family_names:
+            check_number(f"weights[{name!r}]", weights[name], low=0.0)
         values = torch.tensor([float(weights[name]) for name in self.family_names], dtype=torch.float64)
-        if not torch.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        if values.sum() <= 0:
             raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights!r}")
         return values / values.sum()
 

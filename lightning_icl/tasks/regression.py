@@ -6,12 +6,15 @@ prediction of ``y_k`` is read at the position of ``x_k`` (which cannot see ``y~_
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from .base import ICLDataModule, Sampler, TaskInfo, check_noise, check_positive, generator_for
+from lightning_icl.checks import check_flag, check_noise, check_positive
+
+from .base import ICLDataModule, Sampler, TaskInfo, generator_for
 from .batch import ICLBatch
 
 
@@ -29,17 +32,28 @@ def interleave(x: Tensor, y: Tensor, concept: Tensor, split: str) -> ICLBatch:
     return ICLBatch(inputs, targets, scored, concept, shot, (pos % 2).expand(b, 2 * k).clone(), split)
 
 
+def check_distinct_bases(dim: int, num_bases: int, rank: int) -> None:
+    """Raise unless ``num_bases`` distinct subsets of ``rank`` coordinates exist among ``dim``."""
+    if num_bases > math.comb(dim, rank):
+        raise ValueError(
+            f"num_bases={num_bases} distinct bases of rank={rank} do not exist in dim={dim}: there are only "
+            f"C({dim}, {rank}) = {math.comb(dim, rank)}; lower num_bases, or change rank or dim"
+        )
+
+
 def sparse_bases(dim: int, num_bases: int, rank: int, overlapping: bool, generator: torch.Generator) -> Tensor:
     """``[num_bases, dim]`` bool masks, each switching on ``rank`` coordinates.
 
     Non-overlapping bases take consecutive disjoint blocks; overlapping ones are
-    distinct random subsets.
+    distinct random subsets (drawn until ``num_bases`` distinct ones are found, so there must be
+    that many: ``num_bases <= C(dim, rank)``).
     """
     masks = torch.zeros(num_bases, dim, dtype=torch.bool)
     if not overlapping:
         for i in range(num_bases):
             masks[i, i * rank : (i + 1) * rank] = True
         return masks
+    check_distinct_bases(dim, num_bases, rank)
     seen: set[tuple[int, ...]] = set()
     while len(seen) < num_bases:
         seen.add(tuple(sorted(torch.randperm(dim, generator=generator)[:rank].tolist())))
@@ -93,6 +107,9 @@ class SparseLinearRegressionDataModule(ICLDataModule):
             check_positive(name, value)
         if rank > dim:
             raise ValueError(f"rank={rank} is larger than dim={dim}")
+        check_flag("overlapping", overlapping)
+        if overlapping:
+            check_distinct_bases(dim, num_bases, rank)
         if not overlapping and num_bases * rank > dim:
             raise ValueError(
                 f"num_bases * rank = {num_bases * rank} disjoint coordinates do not fit in dim={dim}; "
@@ -200,6 +217,7 @@ class LinearRegressionDataModule(ICLDataModule):
             check_positive(name, value)
         check_positive("dim_increment", dim_increment, minimum=0)
         check_positive("points_increment", points_increment, minimum=0)
+        check_flag("curriculum", curriculum)
         if curriculum and dim_start > dim:
             raise ValueError(f"dim_start={dim_start} is larger than dim={dim}")
         if curriculum and points_start > num_points:

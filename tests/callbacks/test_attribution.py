@@ -73,7 +73,7 @@ def test_bad_attribution_arguments_are_named(trained):
     batch = tiny_modular(num_shots=12, batch_size=64).val_dataloader()[0].dataset[0]
     with pytest.raises(ValueError, match="method must be one of"):
         head_attribution(adapter, batch, method="ig")
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         head_attribution(adapter, batch, steps=0)
     with pytest.raises(ValueError, match="mode must be one of"):
         head_attribution(adapter, batch, mode="mean_ablate")
@@ -97,7 +97,7 @@ def test_ablation_and_attribution_at_one_step_log_their_rank_agreement(tmp_path)
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: ConceptDecodability(k=5, every_n_steps=10), lambda: HeadAblation(every_n_steps=10)]
+    "make", [lambda: ConceptDecodability(k=5, every_n_steps=10, num_batches=2), lambda: HeadAblation(every_n_steps=10)]
 )
 def test_a_step_is_measured_once_when_cadence_and_validation_coincide(tmp_path, make):
     """every_n_steps equal to the validation interval: one record per step, one line per step in the file."""

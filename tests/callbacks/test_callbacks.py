@@ -187,11 +187,16 @@ def test_attribution_is_the_first_order_ablation_effect_on_a_trained_model(tmp_p
 
 
 def test_checkpoint_resume_keeps_callback_state(tmp_path):
-    straight = [ConceptDecodability(k=5), HeadAttribution(every_n_steps=5)]
+    straight = [ConceptDecodability(k=5, num_batches=2), HeadAttribution(every_n_steps=5)]
     fit(tmp_path / "a", straight, max_steps=30, logger=False)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1)  # saved after each validation
-    fit(tmp_path / "b", [ConceptDecodability(k=5), HeadAttribution(every_n_steps=5), ckpt], max_steps=10, logger=False)
-    resumed = [ConceptDecodability(k=5), HeadAttribution(every_n_steps=5)]
+    fit(
+        tmp_path / "b",
+        [ConceptDecodability(k=5, num_batches=2), HeadAttribution(every_n_steps=5), ckpt],
+        max_steps=10,
+        logger=False,
+    )
+    resumed = [ConceptDecodability(k=5, num_batches=2), HeadAttribution(every_n_steps=5)]
     L.seed_everything(0)
     data = tiny_modular()
     module = tiny_module(data)
@@ -208,11 +213,11 @@ def test_checkpoint_resume_keeps_callback_state(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: ConceptDecodability(k=0), "k must be >= 1"),
+        (lambda: ConceptDecodability(k=0), "k must be an integer >= 1"),
         (lambda: ConceptDecodability(distance="l1"), "distance must be one of"),
         (lambda: HeadAblation(mode="knockout"), "mode must be one of"),
         (lambda: HeadAblation(heads_per_forward=0), "heads_per_forward"),
-        (lambda: ICLCurves(num_batches=0), "num_batches must be >= 1"),
+        (lambda: ICLCurves(num_batches=0), "num_batches must be an integer >= 1"),
         (lambda: ICLCurves(tag="a/b"), "tag must be"),
         (lambda: AttentionStatistics(stats=("pattern",)), "unknown"),
         (lambda: HeadAttribution(every_n_steps=0), "every_n_steps"),

@@ -39,8 +39,12 @@ class NoAdapter(L.LightningModule):
     "module, callback, message",
     [
         (NoAdapter, lambda: HeadAblation(), "no adapter for NoAdapter"),
-        (None, lambda: ConceptPatching(layers=[7]), r"layers \[7\] out of range for a model with 2 layers"),
-        (None, lambda: ConceptDecodability(k=10000), "k=10000 neighbours but the 4 held-out batch"),
+        (
+            None,
+            lambda: ConceptPatching(layers=[7], num_batches=2),
+            r"layers \[7\] out of range for a model with 2 layers",
+        ),
+        (None, lambda: ConceptDecodability(k=10000, num_batches=2), "k=10000 neighbours but the 2 held-out batch"),
         (None, lambda: HeadAblation(dataloader_idx=9), "dataloader_idx=9 but there are 4 validation loaders"),
         (None, lambda: CircuitOverlap(), "needs at least two task families"),
     ],
@@ -57,7 +61,9 @@ def test_a_callback_that_cannot_run_fails_before_the_first_step(tmp_path, module
 
 def test_the_checks_run_for_a_stand_alone_validate_too(tmp_path):
     data = tiny_modular()
-    trainer = L.Trainer(**trainer_kwargs(tmp_path, logger=False, callbacks=[ConceptPatching(layers=[-3])]))
+    trainer = L.Trainer(
+        **trainer_kwargs(tmp_path, logger=False, callbacks=[ConceptPatching(layers=[-3], num_batches=2)])
+    )
     with pytest.raises(ValueError, match=r"layers \[-3\] out of range"):
         trainer.validate(tiny_module(data), data)
 

@@ -113,7 +113,7 @@ def test_custom_scale():
         (dict(k=torch.randn(2, 2, 5, 16, dtype=torch.float64)), "share a dtype"),
         (dict(k=torch.randn(2, 2, 6, 16), v=torch.randn(2, 2, 6, 16)), "as many queries as keys"),
         (dict(v=torch.randn(2, 2, 5, 32)), "k and v must have the same shape"),
-        (dict(stats=("attention_pattern",)), "unknown statistics"),
+        (dict(stats=("attention_pattern",)), "stats \\[.attention_pattern.\\] unknown"),
         (dict(stats=("class_mass",)), "needs key_class"),
         (
             dict(stats=("class_mass",), key_class=torch.full((2, 5), 3), num_classes=3),

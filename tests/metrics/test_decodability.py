@@ -106,9 +106,9 @@ def test_bad_input_is_named():
         concept_decodability(x[:5], y)
     with pytest.raises(ValueError, match="at least 2 points"):
         concept_decodability(x[:1], y[:1])
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
         ConceptDecodability(k=0)
-    with pytest.raises(ValueError, match="ridge must be > 0"):
+    with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
         ridge_probe_accuracy(x, y, x, y, ridge=0.0)
 
 
@@ -182,7 +182,7 @@ def test_baselines_tell_decodable_layers_from_chance_on_few_points():
     # the same generator seed gives the same baselines
     again = decodability_baselines(torch.stack([noise, separable]), y, k=10, permutations=200, bootstrap=500)
     assert torch.equal(again["permutation_high"], base["permutation_high"])
-    with pytest.raises(ValueError, match="level must be in"):
+    with pytest.raises(ValueError, match="level must lie in"):
         decodability_baselines(noise, y, level=1.5)
 
 

@@ -167,7 +167,7 @@ def test_bad_arguments_are_named(families, kwargs, message):
 def test_one_model_fits_and_logs_metrics_per_family(tmp_path):
     L.seed_everything(0)
     data = mixed()
-    module = tiny_module(data)
+    module = tiny_module(data, warmup_steps=2)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=4, val_check_interval=4, limit_val_batches=1))
     trainer.fit(module, data)
     for split in data.task_info.eval_splits:
