@@ -230,12 +230,11 @@ def capture_attention(
         positions = positions.expand(q.shape[0], -1)
     if positions is not None:
         positions = positions.long()
-    if key_padding_mask is not None and backend == "triton":
-        raise ValueError("key_padding_mask is not supported by backend='triton' yet; use backend='torch'")
-    if key_padding_mask is None and _use_triton(q, k, backend, num_classes if "class_mass" in stats else 0):
+    if _use_triton(q, k, backend, num_classes if "class_mass" in stats else 0):
         return _triton_attention(
-            q, k, v, causal, scale, stats, key_class, num_classes, query_label, positions, fp32_precision
-        )
+            q, k, v, causal, scale, stats, key_class, num_classes, query_label, positions, key_padding_mask,
+            fp32_precision,
+        )  # fmt: skip
     return attention_reference(
         q,
         k,
@@ -303,6 +302,7 @@ def _triton_attention(
     num_classes: int,
     query_label: Tensor | None,
     positions: Tensor | None,
+    key_padding_mask: Tensor | None,
     fp32_precision: str,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     from . import ops
@@ -316,7 +316,7 @@ def _triton_attention(
         q, k, v,
         key_class if "class_mass" in stats else None,
         query_label if "same_label_mass" in stats else None,
-        rows,
+        rows, key_padding_mask,
         causal, scale, num_classes if "class_mass" in stats else 0,
         "entropy" in stats, "max_prob" in stats, "class_mass" in stats, "same_label_mass" in stats,
         fp32_precision == "ieee",

@@ -18,7 +18,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="kernel tier: CPU tensors need TRITON_INTERPRET=1")
 
 
-def definition(q, k, v, causal, mask, key_class, labels):
+def definition(q, k, v, causal, mask, key_class, labels, c=C):
     """Masked attention and its statistics by definition in float64 (differentiable in q, k, v).
 
     A row with no allowed key: zero output, every statistic 0.
@@ -39,16 +39,16 @@ def definition(q, k, v, causal, mask, key_class, labels):
         "lse": torch.logsumexp(s, -1) * live_f,
         "max_prob": p.amax(-1),
         "entropy": -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1),
-        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(C)], -1),
+        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(c)], -1),
         "same_label_mass": (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1),
     }
     return p @ v, {name: x.detach() for name, x in stats.items()}
 
 
-def make(b, h, t, d, dtype=torch.float32, seed=0):
+def make(b, h, t, d, dtype=torch.float32, seed=0, c=C):
     g = torch.Generator().manual_seed(seed)
     q, k, v, grad = (torch.randn(b, h, t, d, generator=g).to(dtype) for _ in range(4))
-    key_class = torch.randint(C, (b, t), generator=g)
+    key_class = torch.randint(c, (b, t), generator=g)
     labels = torch.randint(4, (b, t), generator=g)
     return q, k, v, grad, key_class, labels
 
@@ -67,19 +67,19 @@ def padding_mask(b, t, kind, seed=0):
     return pos[None, :] >= (t - lengths)[:, None] if kind == "left" else pos[None, :] < lengths[:, None]
 
 
-def run(q, k, v, grad, causal, mask, key_class, labels, positions=None, **kwargs):
+def run(q, k, v, grad, causal, mask, key_class, labels, positions=None, c=C, **kwargs):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     out, stats = capture_attention(
-        q, k, v, causal=causal, stats=ALL, key_class=key_class, num_classes=C, query_label=labels,
+        q, k, v, causal=causal, stats=ALL, key_class=key_class, num_classes=c, query_label=labels,
         positions=positions, key_padding_mask=mask, **kwargs,
     )  # fmt: skip
     (out.float() * grad.float()).sum().backward()
     return out.detach(), stats, (q.grad, k.grad, v.grad)
 
 
-def expected(q, k, v, grad, causal, mask, key_class, labels):
+def expected(q, k, v, grad, causal, mask, key_class, labels, c=C):
     q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out, stats = definition(q, k, v, causal, mask, key_class, labels)
+    out, stats = definition(q, k, v, causal, mask, key_class, labels, c)
     (out * grad.double()).sum().backward()
     return out.detach(), stats, (q.grad, k.grad, v.grad)
 
@@ -107,17 +107,18 @@ def max_errors(got, want, positions=None):
     return errs
 
 
-def check_definition(t, causal, kind, positions, atol, dtype=torch.float32, **kwargs):
-    b, h, d = 3, 2, 16
-    q, k, v, grad, key_class, labels = make(b, h, t, d, dtype)
+def check_definition(t, causal, kind, positions, atol, dtype=torch.float32, b=3, h=2, d=16, c=C, **kwargs):
+    """Output, statistics and gradients against the float64 definition; returns the largest errors."""
+    q, k, v, grad, key_class, labels = make(b, h, t, d, dtype, c=c)
     mask = padding_mask(b, t, kind)
     if positions == "shared":
         positions = torch.tensor([0, t // 2, t - 1])
     elif positions == "per_sequence":
         positions = torch.stack([torch.randperm(t, generator=torch.Generator().manual_seed(i))[:4] for i in range(b)])
-    got = run(q, k, v, grad, causal, mask, key_class, labels, positions=positions, **kwargs)
-    errs = max_errors(got, expected(q, k, v, grad, causal, mask, key_class, labels), positions)
-    bad = {name: e for name, e in errs.items() if not e <= atol}
+    got = run(q, k, v, grad, causal, mask, key_class, labels, positions=positions, c=c, **kwargs)
+    errs = max_errors(got, expected(q, k, v, grad, causal, mask, key_class, labels, c), positions)
+    atol = atol if isinstance(atol, dict) else dict.fromkeys(errs, atol)
+    bad = {name: e for name, e in errs.items() if not e <= atol[name]}
     assert not bad, f"errors above {atol}: {bad}"
     return errs
 
@@ -232,3 +233,84 @@ def test_bad_masks_name_the_argument(mask):
     q, k, v, _, _, _ = make(2, 2, 7, 16)
     with pytest.raises(ValueError, match="key_padding_mask"):
         capture_attention(q, k, v, key_padding_mask=mask, backend="torch")
+
+
+# ---- the Triton kernels, in the interpreter ----------------------------------------------------
+
+KERNEL = dict(backend="triton", fp32_precision="ieee")
+FP16_ATOL = {"out": 5e-3, "lse": 2e-3, "entropy": 5e-3, "max_prob": 2e-3, "class_mass": 3e-3,
+             "same_label_mass": 3e-3, "dq": 2e-2, "dk": 2e-2, "dv": 1e-2}  # fmt: skip
+
+
+@pytest.fixture(params=["short", "tiled"])
+def path(request, monkeypatch):
+    """The short-sequence kernels, or the tiled ones forced by ``LIGHTNING_ICL_SHORT=0``."""
+    from lightning_icl.kernels import triton_attention
+
+    monkeypatch.setenv("LIGHTNING_ICL_SHORT", "1" if request.param == "short" else "0")
+    assert triton_attention.short_path(24) == (request.param == "short")
+    return request.param
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["left", "random"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_the_masked_definition_fp32(path, kind, causal):
+    check_definition(24, causal, kind, None, atol=1e-5, b=2, **KERNEL)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_several_key_tiles_and_positions(path, causal):
+    """T = 80: three 32-key tiles on the tiled path (masked keys in unmasked and diagonal tiles)."""
+    check_definition(80, causal, "left", "per_sequence", atol=1e-5, b=2, **KERNEL)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_the_masked_definition_fp16(path, causal):
+    """fp16: the short path's fused backward (fp16 only) and the tiled one."""
+    check_definition(24, causal, "left", None, atol=FP16_ATOL, dtype=torch.float16, b=2, **KERNEL)
+
+
+@needs_interpreter
+def test_kernel_class_mass_by_one_hot_dot(path):
+    """More classes than the masked row sums take: the one-hot dot."""
+    check_definition(24, True, "random", "shared", atol=1e-5, b=2, c=6, **KERNEL)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["left", "right"])
+def test_kernel_padded_rows_equal_the_unpadded_sequence(path, kind):
+    check_against_unpadded(24, True, kind, atol=1e-5, **KERNEL)
+
+
+@needs_interpreter
+def test_kernel_equals_the_reference_with_a_mask(path):
+    q, k, v, grad, key_class, labels = make(2, 2, 24, 16)
+    mask = padding_mask(2, 24, "left")
+    got = run(q, k, v, grad, True, mask, key_class, labels, **KERNEL)
+    want = run(q, k, v, grad, True, mask, key_class, labels, backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_compiles_without_graph_breaks_with_a_mask(backend):
+    q, k, v, grad, key_class, _ = make(2, 2, 20, 16)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    mask = padding_mask(2, 20, "left").long()  # an integer mask, as a tokenizer gives it
+
+    def f(q, k, v):
+        out, stats = capture_attention(q, k, v, stats=("entropy", "class_mass"), key_class=key_class, num_classes=C,
+                                       key_padding_mask=mask, backend=backend, fp32_precision="ieee")  # fmt: skip
+        return (out * grad).sum() + 0 * stats["entropy"].sum(), stats["class_mass"]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c, mass_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e, mass_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(mass_c, mass_e)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b)
