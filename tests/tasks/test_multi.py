@@ -175,11 +175,14 @@ def test_one_model_fits_and_logs_metrics_per_family(tmp_path):
     assert "val/modular/id_seen/acc" in trainer.callback_metrics and "val/bitwise/all/acc" in trainer.callback_metrics
 
 
-def test_families_from_the_command_line_and_their_mismatch_named():
+def test_families_from_the_command_line_and_their_mismatch_named(capsys):
     families = {
         "modular": {"class_path": "ModularArithmeticDataModule", "init_args": {"p": 7, "num_tasks": 4}},
         "bitwise": {"class_path": "BitwiseDataModule", "init_args": {"n_bits": 3, "num_shots": 8}},
     }
     args = ["fit", "--model=ICLModule", "--data=MultiFamilyDataModule", f"--data.families={json.dumps(families)}"]
-    with pytest.raises(ValueError, match="families 'modular' and 'bitwise' differ in seq_len: 95 vs 23"):
+    with pytest.raises(SystemExit) as exit_:  # the CLI: the package's message as its last line, status 2
         main([*args, "--seed_everything=0", "--trainer.max_steps=1"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "lightning-icl: error: families 'modular' and 'bitwise' differ in seq_len: 95 vs 23"
