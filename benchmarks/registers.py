@@ -72,9 +72,10 @@ ARG_RULES: list[tuple[str, str]] = [
     (r"LSE2|ENT|MAXP|CLS|SAME|DELTA", "*fp32"),
     (r"KEY_CLASS|LABEL", "*i32"),
     (r".*ROWS.*", "*i8"),
+    (r"KEY_MASK", "*u8"),  # the key padding mask's bool bytes
     (r".*scale.*", "fp32"),
     (r"s[qkvod][bhtd]", "stride:BHTD"),  # q, k, v, out, do / dq, dk, dv: [B, H, T, D]
-    (r"s[clr][bt]", "stride:BT"),  # key_class, label, rows: [B, T]
+    (r"s[clrm][bt]", "stride:BT"),  # key_class, label, rows, key mask: [B, T]
     (r"B", "size:B"),
     (r"H", "size:H"),
     (r"BH", "size:BH"),  # B * H problems
@@ -246,6 +247,7 @@ def build_launch(kernel: Kernel, spec: Spec, t: int, module) -> tuple[dict, dict
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     ptr_dtype = {"*fp16": torch.float16, "*bf16": torch.bfloat16, "*fp32": torch.float32, "*i32": torch.int32}
     ptr_dtype["*i8"] = torch.int8
+    ptr_dtype["*u8"] = torch.uint8
     config_keys = set().union(*(c.kwargs for c in kernel.configs))
     signature, constexprs, attrs, named = {}, {}, {}, {}
     for i, p in enumerate(kernel.jit.params):

@@ -55,6 +55,7 @@ def _check_inputs(
     num_classes: int,
     query_label: Tensor | None,
     positions: Tensor | None,
+    key_padding_mask: Tensor | None,
     backend: str,
     fp32_precision: str,
     validate: bool,
@@ -117,6 +118,18 @@ def _check_inputs(
             raise ValueError(f"positions must be [P] or [B, P] with B = {b}, got shape {tuple(positions.shape)}")
         if positions.device != q.device:
             raise ValueError(f"positions is on {positions.device}, q on {q.device}")
+    if key_padding_mask is not None:  # shape, dtype and device only: its values need no check (nor a sync)
+        if not isinstance(key_padding_mask, Tensor):
+            raise ValueError(f"key_padding_mask must be a bool tensor [B, Tk], got {type(key_padding_mask).__name__}")
+        if not (key_padding_mask.dtype == torch.bool or _is_index_dtype(key_padding_mask.dtype)):
+            raise ValueError(
+                f"key_padding_mask must be bool (or integer 0/1), True where the key may be attended, "
+                f"got {key_padding_mask.dtype}"
+            )
+        if tuple(key_padding_mask.shape) != (b, t_k):
+            raise ValueError(f"key_padding_mask must be [B, Tk] = {(b, t_k)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != k.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, k on {k.device}")
     if validate:
         _check_values(q, k, v, key_class if "class_mass" in stats else None, num_classes, positions)
 
@@ -158,6 +171,7 @@ def capture_attention(
     num_classes: int = 0,
     query_label: Tensor | None = None,
     positions: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
     backend: str = "auto",
     fp32_precision: str = "tf32",
     validate: bool = True,
@@ -179,6 +193,15 @@ def capture_attention(
             (default): every row. The CPU path forms scores for these rows only; the kernel does
             the statistics' extra work only in query tiles that hold one of them. The output
             ``out`` always covers every row.
+        key_padding_mask: ``[B, Tk]`` bool (integer 0/1 is converted), True where the key may be
+            attended, e.g. a tokenizer's attention mask; ``None`` (default): every key. It combines
+            with ``causal``: query i attends key j iff both allow it. The statistics are over the
+            allowed keys only (``class_mass`` sums to 1 over the classes), so a left- or
+            right-padded sequence gives at its valid rows exactly what it gives unpadded, output
+            and gradients included; padded keys get zero gradients. A query row with no allowed
+            key (a left-pad row under causal masking, or a sequence masked whole) gives a zero
+            output row, zero gradients and every statistic 0: ``lse``, ``entropy``, ``max_prob``,
+            ``same_label_mass`` and each ``class_mass`` entry (never NaN).
         backend: ``"auto"`` (the fused Triton kernel on CUDA tensors when Triton is
             installed and the head dim is supported, else the reference),
             ``"torch"`` (the reference) or ``"triton"`` (the kernel; on CPU tensors it
@@ -189,16 +212,19 @@ def capture_attention(
             in all on a GPU, and one reduction over q, k and v. A caller that checked its inputs
             once per batch (``ICLTransformer`` does, for ``key_class`` and ``positions``) passes
             ``False`` so the attention of every layer does not wait for the host. Shapes, dtypes
-            and the other arguments are always checked.
+            and the other arguments are always checked (``key_padding_mask``: its shape and dtype
+            only, never its values, so it adds no synchronisation).
 
     Returns:
         ``(out, stats)``: ``out`` like ``q``, differentiable; ``stats`` fp32, detached.
     """
     stats = (stats,) if isinstance(stats, str) else tuple(stats)
     _check_inputs(
-        q, k, v, causal, sm_scale, stats, key_class, num_classes, query_label, positions, backend, fp32_precision,
-        validate,
+        q, k, v, causal, sm_scale, stats, key_class, num_classes, query_label, positions, key_padding_mask, backend,
+        fp32_precision, validate,
     )  # fmt: skip
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        key_padding_mask = key_padding_mask != 0
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if positions is not None and positions.dim() == 1:
         positions = positions.expand(q.shape[0], -1)
@@ -206,8 +232,9 @@ def capture_attention(
         positions = positions.long()
     if _use_triton(q, k, backend, num_classes if "class_mass" in stats else 0):
         return _triton_attention(
-            q, k, v, causal, scale, stats, key_class, num_classes, query_label, positions, fp32_precision
-        )
+            q, k, v, causal, scale, stats, key_class, num_classes, query_label, positions, key_padding_mask,
+            fp32_precision,
+        )  # fmt: skip
     return attention_reference(
         q,
         k,
@@ -219,6 +246,7 @@ def capture_attention(
         num_classes=num_classes,
         query_label=query_label,
         positions=positions,
+        key_padding_mask=key_padding_mask,
     )
 
 
@@ -274,6 +302,7 @@ def _triton_attention(
     num_classes: int,
     query_label: Tensor | None,
     positions: Tensor | None,
+    key_padding_mask: Tensor | None,
     fp32_precision: str,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     from . import ops
@@ -287,7 +316,7 @@ def _triton_attention(
         q, k, v,
         key_class if "class_mass" in stats else None,
         query_label if "same_label_mass" in stats else None,
-        rows,
+        rows, key_padding_mask,
         causal, scale, num_classes if "class_mass" in stats else 0,
         "entropy" in stats, "max_prob" in stats, "class_mass" in stats, "same_label_mass" in stats,
         fp32_precision == "ieee",

@@ -8,6 +8,11 @@ one-hot key classes, a dot with the same-label mask). The log-sum-exp is SDPA's 
 torch returns it (its fused CPU kernel does), so the normaliser costs nothing. Rows are
 processed in chunks only when ``P * Tk`` is large, so memory stays bounded for long
 sequences; the full ``[T, T]`` pattern is never held.
+
+A key padding mask ``[B, Tk]`` becomes one ``-inf`` bias ``[B, 1, 1, Tk]``, built once: SDPA's
+fused CPU kernel takes it together with ``is_causal`` (and gives a query row with no allowed
+key a zero output, a zero log-sum-exp and zero gradients), and the statistics add it to their
+score block. Rows with no allowed key get every statistic 0, set explicitly.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def attention_reference(
     num_classes: int = 0,
     query_label: Tensor | None = None,
     positions: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Attention ``softmax(q k^T * sm_scale) v`` and the requested statistics.
@@ -60,7 +66,9 @@ def attention_reference(
     ints in ``[0, num_classes)``; ``query_label`` ``[B, T]`` labels of the positions
     (self-attention, so queries and keys share them); ``positions`` ``[B, P]`` the query
     rows whose statistics are wanted (or ``[P]``, the same rows everywhere; ``None``: every
-    row). Inputs are assumed valid: :func:`capture_attention` checks them.
+    row); ``key_padding_mask`` ``[B, Tk]`` bool, True where the key may be attended (``None``:
+    every key). A query row with no allowed key gets a zero output row, zero gradients and every
+    statistic 0 (``lse`` included). Inputs are assumed valid: :func:`capture_attention` checks them.
 
     ``out`` has q's dtype and is differentiable; the statistics' scores are computed
     in fp32 (fp64 for fp64 inputs) and returned as fp32 ``[B, H, P]`` (``class_mass``
@@ -76,33 +84,69 @@ def attention_reference(
 
     # Under autocast the matmuls below would drop back to half precision; keep them in acc_dtype.
     with torch.autocast(q.device.type, enabled=False):
-        if not wanted:
+        if not wanted and key_padding_mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), {}
-        out, lse = _sdpa_with_lse(q, k, v, causal, scale)
+        if key_padding_mask is None:
+            out, lse = _sdpa_with_lse(q, k, v, causal, scale)
+        else:
+            out, lse = _sdpa_with_lse(q, k, v, causal, scale, key_padding_mask)
+        if not wanted:
+            return out, {}
         with torch.no_grad():
             found = _row_stats(
                 q.detach(), k.detach(), lse, causal, scale, wanted, key_class, num_classes, query_label, positions,
-                acc_dtype, chunk_elements,
+                key_padding_mask, acc_dtype, chunk_elements,
             )  # fmt: skip
     return out, found
 
 
-def _sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor | None]:
+def live_rows(key_padding_mask: Tensor, t_q: int, causal: bool) -> Tensor:
+    """``[B, Tq]`` bool: the query rows that may attend at least one key under ``key_padding_mask``."""
+    if not causal:
+        return key_padding_mask.any(dim=1, keepdim=True).expand(-1, t_q)
+    # causal: row i is live iff some allowed key j <= i, i.e. the first allowed key is at most i
+    first = torch.where(key_padding_mask.any(dim=1), key_padding_mask.int().argmax(dim=1), t_q)
+    return torch.arange(t_q, device=key_padding_mask.device)[None, :] >= first[:, None]
+
+
+def _cpu_flash_op():
+    """SDPA's fused CPU op, which returns its log-sum-exp too (None on a torch without it)."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _sdpa_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, key_padding_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """SDPA's output and, where torch hands it out (its fused CPU kernel), its log-sum-exp ``[B, H, Tq]``.
 
     The fused CPU op is what ``F.scaled_dot_product_attention`` itself runs on CPU for these
     inputs, with the same autograd; anywhere else (or on a torch without it) the plain call runs
-    and ``None`` comes back, so the statistics pass computes its own normaliser.
+    and ``None`` comes back, so the statistics pass computes its own normaliser. A key padding
+    mask goes to the fused op as a ``-inf`` bias ``[B, 1, 1, Tk]`` next to ``is_causal``; the
+    plain call needs the whole ``[B, 1, Tq, Tk]`` mask instead, with rows that allow no key
+    opened to every key (so SDPA gives no NaN) and their output then zeroed.
     """
     if q.device.type == "cpu":
-        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        op = _cpu_flash_op()
         if op is not None:
+            bias = None
+            if key_padding_mask is not None:
+                bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill_(~key_padding_mask, float("-inf"))[:, None, None, :]
             try:
-                out, lse = op(q, k, v, 0.0, causal, scale=scale)[:2]
+                out, lse = op(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)[:2]
                 return out, lse.detach()
             except (RuntimeError, TypeError, NotImplementedError):
                 pass
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), None
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale), None
+    t_q, t_k = q.shape[2], k.shape[2]
+    allowed = key_padding_mask[:, None, None, :]  # [B, 1, 1, Tk]
+    if causal:
+        allowed = allowed & torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril()
+    live = live_rows(key_padding_mask, t_q, causal)[:, None, :, None]  # [B, 1, Tq, 1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~live, scale=scale)
+    return out * live.to(out.dtype), None
 
 
 def _row_stats(
@@ -116,6 +160,7 @@ def _row_stats(
     num_classes: int,
     query_label: Tensor | None,
     positions: Tensor | None,
+    key_padding_mask: Tensor | None,
     acc_dtype: torch.dtype,
     chunk_elements: int,
 ) -> dict[str, Tensor]:
@@ -141,6 +186,12 @@ def _row_stats(
     if "class_mass" in wanted:
         one_hot = F.one_hot(key_class.long(), num_classes).to(acc_dtype)[:, None]  # [B, 1, Tk, C]
     lse2_all = None if lse_all is None else lse_all.to(acc_dtype) * LOG2E
+    masked = causal or key_padding_mask is not None  # some scores are -inf
+    key_bias = live_all = None
+    if key_padding_mask is not None:  # one -inf bias for the padded keys, added to every score block
+        key_bias = torch.zeros(b, 1, 1, t_k, dtype=acc_dtype, device=q.device)
+        key_bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        live_all = live_rows(key_padding_mask, t_q, causal)
     keys = torch.arange(t_k, device=q.device)
     parts: dict[str, list[Tensor]] = {name: [] for name in wanted}
     step = max(1, chunk_elements // max(1, b * h * t_k))
@@ -156,26 +207,36 @@ def _row_stats(
             s = torch.matmul(qc, k_t)  # [B, H, c, Tk]: the one score block
             if causal:  # -inf (not a large finite score, whose exp2 is several times slower)
                 s.masked_fill_((keys[None, None, :] > r[:, :, None])[:, None], float("-inf"))
+        live = None
+        if key_bias is not None:
+            s.add_(key_bias)
+            live = select_rows(live_all, r, dim=1)[:, None]  # [B, 1, c]: rows with an allowed key
         if lse2_all is not None:  # SDPA's normaliser, gathered at these rows
             lse2 = select_rows(lse2_all, r, dim=2)
+            if live is not None:  # a row with no allowed key: lse 0, so its p = exp2(-inf) = 0 below
+                lse2 = torch.where(live, lse2, 0.0)
             if "max_prob" in wanted:
                 parts["max_prob"].append(torch.exp2(s.amax(dim=-1) - lse2))
             s.sub_(lse2[..., None])  # s is now log2 p
             p = torch.exp2(s)
         else:
             m = s.amax(dim=-1)
+            if live is not None:  # a row with no allowed key: max 0 and norm 1, so p = 0 and lse 0
+                m.masked_fill_(~live, 0.0)
             s.sub_(m[..., None])  # s - max: the row max has weight exp2(0) = 1 before normalising
             p = torch.exp2(s)
             norm = p.sum(dim=-1)
+            if live is not None:
+                norm.masked_fill_(~live, 1.0)
             lse2 = m + torch.log2(norm)
             if "max_prob" in wanted:
-                parts["max_prob"].append(1.0 / norm)
+                parts["max_prob"].append(1.0 / norm if live is None else torch.where(live, 1.0 / norm, 0.0))
             p.div_(norm[..., None])
             s.sub_(torch.log2(norm)[..., None])  # log2 p
         if "lse" in wanted:
             parts["lse"].append(lse2 * LN2)
         if "entropy" in wanted:  # -sum p ln p; masked keys have p = 0 and log2 p = -inf: count them as 0
-            log2p = s.nan_to_num_(neginf=0.0) if causal else s
+            log2p = s.nan_to_num_(neginf=0.0) if masked else s
             parts["entropy"].append(torch.linalg.vecdot(p, log2p) * -LN2)
         if "class_mass" in wanted:
             parts["class_mass"].append(torch.matmul(p, one_hot))

@@ -21,6 +21,13 @@ kernel; each one adds only an accumulator (rescaled, on the tiled path):
 A ``ROWS`` flag per query row (``HAS_ROWS``) says which rows' statistics are wanted: query
 tiles holding none of them run the plain loop, and their statistics are left undefined.
 
+A key padding mask (``HAS_MASK``, a ``[B, T]`` bool read as bytes) is loaded per key tile and
+scores a padded key -1e30, like the causal mask, in every tile (the unmasked phase too); a
+row whose running max is still -1e30 at the end allows no key and is written as a zero
+output with every statistic 0 and ``lse2`` 0. The backward zeroes p at padded keys, which
+is every key of such a row, so its gradients are 0 whatever ``lse2`` says. Without a mask
+the flag compiles the loads away.
+
 Each tiled loop runs in two phases: tiles that need no mask (entirely inside the sequence
 and, when causal, entirely below the diagonal), then the few that do.
 
@@ -123,14 +130,16 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 
 # Tune per power-of-two length bucket, not per exact length.
-_FWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION"]
-_BWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
+_FWD_KEY = [
+    "T_KEY", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION", "HAS_MASK"
+]  # fmt: skip
+_BWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "DOT_PRECISION", "HAS_MASK"]
 
 
 @triton.jit
 def _fwd_tile_loop(
-    q, q_label, k_base, v_base, kc_base, lab_base,
-    skt, skd, svt, svd, sct, slt,
+    q, q_label, k_base, v_base, kc_base, lab_base, km_base,
+    skt, skd, svt, svd, sct, slt, smt,
     offs_m, T, full_hi, hi, scale_log2,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -141,10 +150,14 @@ def _fwd_tile_loop(
     NUM_CLASSES: tl.constexpr,
     CLS_PAD: tl.constexpr,
     WANT_SAME: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """The online-softmax loop of one query tile over its key tiles, with the asked-for accumulators."""
+    """The online-softmax loop of one query tile over its key tiles, with the asked-for accumulators.
+
+    With ``HAS_MASK`` every key tile's padding flags are loaded and padded keys scored -1e30, like
+    the causal mask; a row that allows no key ends with ``m_i = -1e30`` (see :func:`_live_rows`)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cls_cols = tl.arange(0, CLS_PAD)
@@ -173,6 +186,9 @@ def _fwd_tile_loop(
                 if CAUSAL:
                     valid = valid & (cols[None, :] <= offs_m[:, None])
                 s = tl.where(valid, s, -1.0e30)
+            if HAS_MASK:
+                key_ok = tl.load(km_base + cols * smt, mask=cols < T, other=0) != 0
+                s = tl.where(key_ok[None, :], s, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -200,6 +216,12 @@ def _fwd_tile_loop(
 
 
 @triton.jit
+def _live_rows(m_i):
+    """Rows that allow at least one key: every other row's running max is the -1e30 of a masked score."""
+    return m_i > -1.0e29
+
+
+@triton.jit
 def _store_stats(
     LSE2, ENT, MAXP, CLS, SAME, stat_off, row_ok, m_i, l_i, t_i, cls_acc, same_acc,
     WANT_ENT: tl.constexpr,
@@ -209,11 +231,18 @@ def _store_stats(
     NUM_CLASSES: tl.constexpr,
     CLS_PAD: tl.constexpr,
     WANT_SAME: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Write the base-2 log-sum-exp and the statistics of one query tile from its accumulators."""
+    """Write the base-2 log-sum-exp and the statistics of one query tile from its accumulators.
+
+    With ``HAS_MASK``, a row that allows no key gets every statistic 0, its log-sum-exp too."""
     lse2 = m_i + tl.log2(l_i)
-    tl.store(LSE2 + stat_off, lse2, mask=row_ok)
     inv_l = 1.0 / l_i
+    if HAS_MASK:
+        live = _live_rows(m_i)
+        lse2 = tl.where(live, lse2, 0.0)
+        inv_l = tl.where(live, inv_l, 0.0)
+    tl.store(LSE2 + stat_off, lse2, mask=row_ok)
     if WANT_ENT:  # H = ln 2 * (lse2 - E_p[s2]) with base-2 scores s2
         tl.store(ENT + stat_off, 0.6931471805599453 * (lse2 - t_i * inv_l), mask=row_ok)
     if WANT_MAXP:  # the row max has weight exp2(0) = 1
@@ -223,6 +252,8 @@ def _store_stats(
         mass = cls_acc * inv_l[:, None]
         if not CLS_DOT:  # the last class holds what the others leave of the row
             rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
+            if HAS_MASK:
+                rest = tl.where(_live_rows(m_i), rest, 0.0)
             mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
         cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
         tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
@@ -233,7 +264,7 @@ def _store_stats(
 @triton.autotune(configs=_configs(FWD_CONFIGS), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS, KEY_MASK,
     scale_log2,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
@@ -242,6 +273,7 @@ def _fwd_kernel(
     scb, sct,
     slb, slt,
     srb, srt,
+    smb, smt,
     H, T, T_KEY,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -254,6 +286,7 @@ def _fwd_kernel(
     CLS_PAD: tl.constexpr,
     WANT_SAME: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -272,6 +305,7 @@ def _fwd_kernel(
     v_base = V + b * svb + h * svh
     kc_base = KEY_CLASS + b * scb
     lab_base = LABEL + b * slb
+    km_base = KEY_MASK + b * smb
     q_label = offs_m  # a placeholder unless same-label mass is asked for
     if WANT_SAME:
         q_label = tl.load(lab_base + offs_m * slt, mask=row_ok, other=-1)
@@ -290,47 +324,51 @@ def _fwd_kernel(
             tile_wanted = tl.max(flags.to(tl.int32), 0) > 0
         if tile_wanted:
             m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
-                q, q_label, k_base, v_base, kc_base, lab_base, skt, skd, svt, svd, sct, slt, offs_m, T, full_hi, hi,
-                scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_CLS, CLS_DOT, NUM_CLASSES, CLS_PAD,
-                WANT_SAME, BLOCK_M, BLOCK_N,
+                q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
+                full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_CLS, CLS_DOT, NUM_CLASSES,
+                CLS_PAD, WANT_SAME, HAS_MASK, BLOCK_M, BLOCK_N,
             )
         else:  # the plain loop
             m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
-                q, q_label, k_base, v_base, kc_base, lab_base, skt, skd, svt, svd, sct, slt, offs_m, T, full_hi, hi,
-                scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES, CLS_PAD,
-                False, BLOCK_M, BLOCK_N,
+                q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
+                full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES,
+                CLS_PAD, False, HAS_MASK, BLOCK_M, BLOCK_N,
             )
     else:
         m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
-            q, q_label, k_base, v_base, kc_base, lab_base, skt, skd, svt, svd, sct, slt, offs_m, T, full_hi, hi,
-            scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES, CLS_PAD,
-            False, BLOCK_M, BLOCK_N,
+            q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
+            full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES, CLS_PAD,
+            False, HAS_MASK, BLOCK_M, BLOCK_N,
         )
     # fmt: on
 
     out = acc / l_i[:, None]
+    if HAS_MASK:  # a row that allows no key: a zero output row
+        out = tl.where(_live_rows(m_i)[:, None], out, 0.0)
     o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     stat_off = bh * T + offs_m  # statistics are contiguous [B, H, T]
     _store_stats(
         LSE2, ENT, MAXP, CLS, SAME, stat_off, row_ok, m_i, l_i, t_i, cls_acc, same_acc,
-        WANT_ENT, WANT_MAXP, WANT_CLS, CLS_DOT, NUM_CLASSES, CLS_PAD, WANT_SAME,
+        WANT_ENT, WANT_MAXP, WANT_CLS, CLS_DOT, NUM_CLASSES, CLS_PAD, WANT_SAME, HAS_MASK,
     )  # fmt: skip
 
 
 @triton.autotune(configs=_configs(DKDV_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV,
+    Q, K, V, DO, LSE2, DELTA, DK, DV, KEY_MASK,
     scale_log2, sm_scale,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sdb, sdh, sdt, sdd,
+    smb, smt,
     H, T, T_KEY,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -388,6 +426,10 @@ def _bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
+    if HAS_MASK:  # a padded key's row of p is 0 for every query, so its dk and dv are 0
+        key_ok = tl.load(KEY_MASK + b * smb + offs_n * smt, mask=col_ok, other=0) != 0
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     out_off = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # dk, dv contiguous
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -396,16 +438,18 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_configs(DQ_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ,
+    Q, K, V, DO, LSE2, DELTA, DQ, KEY_MASK,
     scale_log2, sm_scale,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sdb, sdh, sdt, sdd,
+    smb, smt,
     H, T, T_KEY,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -455,6 +499,9 @@ def _bwd_dq_kernel(
                 if CAUSAL:
                     valid = valid & (cols[None, :] <= offs_m[:, None])
                 p = tl.where(valid, p, 0.0)
+            if HAS_MASK:  # padded keys (and so every key of a row that allows none: its lse2 is 0) get p = 0
+                key_ok = tl.load(KEY_MASK + b * smb + cols * smt, mask=cols < T, other=0) != 0
+                p = tl.where(key_ok[None, :], p, 0.0)
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -537,16 +584,18 @@ def _prune_short_bwd(configs, named_args, **kwargs):
     return kept if autotuning() else kept[:1]
 
 
-_SHORT_FWD_KEY = ["T_PAD", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION"]
-_SHORT_BWD_KEY = ["T_PAD", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
+_SHORT_FWD_KEY = [
+    "T_PAD", "HEAD_DIM", "CAUSAL", "WANT_ENT", "WANT_MAXP", "WANT_CLS", "WANT_SAME", "DOT_PRECISION", "HAS_MASK"
+]  # fmt: skip
+_SHORT_BWD_KEY = ["T_PAD", "HEAD_DIM", "CAUSAL", "DOT_PRECISION", "HAS_MASK"]
 
 
 @triton.jit
 def _short_fwd_tile(
-    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS, KEY_MASK,
     scale_log2,
-    sqt, sqd, skt, skd, svt, svd, sot, sod, sct, slt, srt,
-    q_base, k_base, v_base, o_base, kc_base, lab_base, rows_base, stat_base,
+    sqt, sqd, skt, skd, svt, svd, sot, sod, sct, slt, srt, smt,
+    q_base, k_base, v_base, o_base, kc_base, lab_base, rows_base, km_base, stat_base,
     m0, T,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -559,6 +608,7 @@ def _short_fwd_tile(
     CLS_PAD: tl.constexpr,
     WANT_SAME: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     KEYS: tl.constexpr,
 ):  # fmt: skip
@@ -574,6 +624,8 @@ def _short_fwd_tile(
     valid = col_ok[None, :]
     if CAUSAL:
         valid = valid & (cols[None, :] <= offs_m[:, None])
+    if HAS_MASK:
+        valid = valid & (tl.load(KEY_MASK + km_base + cols * smt, mask=col_ok, other=0) != 0)[None, :]
     s = tl.where(valid, s, -1.0e30)
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
@@ -581,6 +633,10 @@ def _short_fwd_tile(
     inv_l = 1.0 / l_i
     stat_off = stat_base + offs_m
     lse2 = m + tl.log2(l_i)
+    if HAS_MASK:  # a row that allows no key (max -1e30): zero output, every statistic 0, lse2 0
+        live = _live_rows(m)
+        inv_l = tl.where(live, inv_l, 0.0)
+        lse2 = tl.where(live, lse2, 0.0)
     tl.store(LSE2 + stat_off, lse2, mask=row_ok)
     if WANT_MAXP:
         tl.store(MAXP + stat_off, inv_l, mask=row_ok)
@@ -606,6 +662,8 @@ def _short_fwd_tile(
                         part = tl.sum(tl.where((kc == cl)[None, :], p, 0.0), 1) * inv_l
                         mass = tl.where(c[None, :] == cl, part[:, None], mass)
                     rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
+                    if HAS_MASK:
+                        rest = tl.where(live, rest, 0.0)
                     mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
                 cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
                 tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
@@ -626,7 +684,7 @@ def _short_fwd_tile(
 )
 @triton.jit
 def _short_fwd_kernel(
-    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
+    Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS, KEY_MASK,
     scale_log2,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
@@ -635,6 +693,7 @@ def _short_fwd_kernel(
     scb, sct,
     slb, slt,
     srb, srt,
+    smb, smt,
     BH, H, T,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -647,6 +706,7 @@ def _short_fwd_kernel(
     CLS_PAD: tl.constexpr,
     WANT_SAME: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
@@ -660,13 +720,13 @@ def _short_fwd_kernel(
             for j in tl.static_range(T_PAD // BLOCK_M):
                 if j * BLOCK_M < T:
                     _short_fwd_tile(
-                        Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS,
-                        scale_log2, sqt, sqd, skt, skd, svt, svd, sot, sod, sct, slt, srt,
+                        Q, K, V, OUT, LSE2, ENT, MAXP, CLS, SAME, KEY_CLASS, LABEL, ROWS, KEY_MASK,
+                        scale_log2, sqt, sqd, skt, skd, svt, svd, sot, sod, sct, slt, srt, smt,
                         b * sqb + h * sqh, b * skb + h * skh, b * svb + h * svh, b * sob + h * soh,
-                        b * scb, b * slb, b * srb, bh * T,
+                        b * scb, b * slb, b * srb, b * smb, bh * T,
                         j * BLOCK_M, T,
                         HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_MAXP, WANT_CLS, CLS_DOT, NUM_CLASSES,
-                        CLS_PAD, WANT_SAME, HAS_ROWS, BLOCK_M,
+                        CLS_PAD, WANT_SAME, HAS_ROWS, HAS_MASK, BLOCK_M,
                         # causal: keys up to the tile's last row, as a power of two (tiles 0 and 1 exactly)
                         BLOCK_M * (j + 1) if (CAUSAL and j < 2) else T_PAD,
                     )  # fmt: skip
@@ -679,17 +739,19 @@ def _short_fwd_kernel(
 )
 @triton.jit
 def _short_bwd_kernel(
-    Q, K, V, OUT, DO, LSE2, DQ, DK, DV,
+    Q, K, V, OUT, DO, LSE2, DQ, DK, DV, KEY_MASK,
     scale_log2, sm_scale,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sob, soh, sot, sod,
     sdb, sdh, sdt, sdd,
+    smb, smt,
     BH, H, T,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
@@ -709,6 +771,9 @@ def _short_bwd_kernel(
                         other=0.0)  # fmt: skip
             dk = tl.zeros([T_PAD, HEAD_DIM], dtype=tl.float32)
             dv = tl.zeros([T_PAD, HEAD_DIM], dtype=tl.float32)
+            key_ok = col_ok
+            if HAS_MASK:  # padded keys (so every key of a row that allows none: its lse2 is 0) get p = 0
+                key_ok = col_ok & (tl.load(KEY_MASK + b * smb + cols * smt, mask=col_ok, other=0) != 0)
             for j in tl.static_range(T_PAD // BLOCK_M):
                 if j * BLOCK_M < T:
                     offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -722,7 +787,7 @@ def _short_bwd_kernel(
                     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
                     lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
                     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BM, T_PAD]
-                    valid = col_ok[None, :] & row_ok[:, None]
+                    valid = key_ok[None, :] & row_ok[:, None]
                     if CAUSAL:
                         valid = valid & (cols[None, :] <= offs_m[:, None])
                     p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
@@ -759,6 +824,13 @@ def short_backward_fits(t: int, head_dim: int, dtype: torch.dtype) -> bool:
     return short_path(t) and dtype in (torch.float16, torch.bfloat16) and area <= SHORT_BWD_MAX_AREA
 
 
+def _mask_arg(key_mask: torch.Tensor | None, unused: torch.Tensor) -> torch.Tensor:
+    """The key padding mask as the kernels read it: its bool bytes as uint8, no copy."""
+    if key_mask is None:
+        return unused
+    return key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -774,13 +846,16 @@ def forward(
     want_class_mass: bool,
     want_same_label: bool,
     ieee: bool,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward; returns ``(out, lse2, entropy, max_prob, class_mass, same_label_mass)``.
 
     Statistics not asked for come back as empty tensors. ``lse2`` is the base-2 log-sum-exp.
     ``rows`` (``[B, T]`` int8, or None for all) flags the query rows whose entropy, class mass
     and same-label mass are wanted: they are computed in the query tiles holding a flagged row
-    and undefined in the others (lse and max_prob are free and cover every row).
+    and undefined in the others (lse and max_prob are free and cover every row). ``key_mask``
+    (``[B, T]`` bool, or None for every key) says which keys may be attended; a row that allows
+    none gets a zero output, every statistic 0 and ``lse2`` 0.
     """
     b, h, t, d = q.shape
     out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
@@ -800,6 +875,7 @@ def forward(
     kc = key_class.to(torch.int32) if want_class_mass else unused
     lab = label.to(torch.int32) if want_same_label else unused
     flags = rows if rows is not None else unused
+    km = _mask_arg(key_mask, unused)
     n_cls = max(num_classes, 1)
     cls_dot = n_cls > CLASS_SUM_MAX
     flags_common = dict(
@@ -815,12 +891,13 @@ def forward(
         CLS_PAD=max(16, triton.next_power_of_2(n_cls)) if cls_dot else triton.next_power_of_2(n_cls),
         WANT_SAME=want_same_label,
         HAS_ROWS=rows is not None,
+        HAS_MASK=key_mask is not None,
     )
     args = (
-        q, k, v, out, lse2, ent, maxp, cls, same, kc, lab, flags,
+        q, k, v, out, lse2, ent, maxp, cls, same, kc, lab, flags, km,
         sm_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *kc.stride(), *lab.stride(), *flags.stride(),
+        *kc.stride(), *lab.stride(), *flags.stride(), *km.stride(),
     )  # fmt: skip
     with _on_device(q):
         if short_path(t):
@@ -842,33 +919,35 @@ def backward(
     causal: bool,
     sm_scale: float,
     ieee: bool,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (contiguous, dtype of q) from the saved forward."""
+    """dq, dk, dv (contiguous, dtype of q) from the saved forward (and its ``key_mask``)."""
     b, h, t, d = q.shape
     dq = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_precision(q.dtype, ieee))
+    common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_precision(q.dtype, ieee), HAS_MASK=key_mask is not None)
     scale_log2 = sm_scale * LOG2E
+    km = _mask_arg(key_mask, torch.empty((1, 1), dtype=torch.uint8, device=q.device))
     if short_backward_fits(t, d, q.dtype):  # one kernel: delta, dq, dk and dv of each (batch, head) together
         grid = lambda meta: (triton.cdiv(b * h, meta["GROUP"]),)
         with _on_device(q):
             _short_bwd_kernel[grid](
-                q, k, v, out, grad_out, lse2, dq, dk, dv, scale_log2, sm_scale,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+                q, k, v, out, grad_out, lse2, dq, dk, dv, km, scale_log2, sm_scale,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *km.stride(),
                 b * h, h, t, T_PAD=max(16, triton.next_power_of_2(t)), **common,
             )  # fmt: skip
         return dq, dk, dv
     delta = torch.linalg.vecdot(out.float(), grad_out.float()).contiguous()  # [B, H, T]
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *km.stride())
     t_key = triton.next_power_of_2(t)
     grid_n = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_N"]))
     grid_m = lambda meta: (b * h, triton.cdiv(t, meta["BLOCK_M"]))
     with _on_device(q):
         _bwd_dkdv_kernel[grid_n](
-            q, k, v, grad_out, lse2, delta, dk, dv, scale_log2, sm_scale, *strides, h, t, t_key, **common
+            q, k, v, grad_out, lse2, delta, dk, dv, km, scale_log2, sm_scale, *strides, h, t, t_key, **common
         )
         _bwd_dq_kernel[grid_m](
-            q, k, v, grad_out, lse2, delta, dq, scale_log2, sm_scale, *strides, h, t, t_key, **common
+            q, k, v, grad_out, lse2, delta, dq, km, scale_log2, sm_scale, *strides, h, t, t_key, **common
         )
     return dq, dk, dv

@@ -319,6 +319,9 @@ KERNEL = [
     ("positions-float", "positions", lambda: attend(stats=("lse",), positions=torch.tensor([0.5]))),
     ("positions-out-of-range", "positions", lambda: attend(stats=("lse",), positions=torch.tensor([8]))),
     ("positions-wrong-batch", "positions", lambda: attend(stats=("lse",), positions=torch.zeros(3, 1).long())),
+    ("key-padding-mask-float", "key_padding_mask", lambda: attend(key_padding_mask=torch.ones(1, 8))),
+    ("key-padding-mask-shape", "key_padding_mask", lambda: attend(key_padding_mask=torch.ones(1, 7).bool())),
+    ("key-padding-mask-list", "key_padding_mask", lambda: attend(key_padding_mask=[[True] * 8])),
     ("backend", "backend", lambda: attend(backend="cuda")),
     ("fp32-precision", "fp32_precision", lambda: attend(fp32_precision="fp64")),
     ("triton-head-dim", "q", lambda: attend(**dict(zip("qkv", qkv(d=8), strict=True)), backend="triton")),
@@ -544,6 +547,7 @@ def test_the_baselines_are_valid():
     model(), model(vocab_size=0, input_dim=3), icl_module(), spec(), spec(positions="all", stats=("entropy",))
     attend(stats=("class_mass", "lse"), key_class=torch.zeros(1, 8, dtype=torch.long), num_classes=3)
     attend(stats=("lse",), positions=torch.tensor([7]), sm_scale=0.5)
+    attend(stats=("lse",), key_padding_mask=torch.ones(1, 8, dtype=torch.bool))
     attention_probability(qkv()[0], qkv()[1], torch.zeros(1, 2, 8), torch.arange(8))
     HeadAblation(), HeadAttribution(), AttentionStatistics(), CircuitOverlap(), ConceptDecodability()
     ConceptPatching(), ICLCurves(), HardConcrete((2, 2)), DecodabilityMetric(k=2), PerShotMean(3)
