@@ -14,7 +14,9 @@ statistics.
 
 Grouped-query attention: keys and values are expanded to the query heads, so statistics are per
 query head. Padding: the mask function hands the attention a key padding mask ``[B, Tk]``
-(``True`` = attend), or ``None`` when nothing is padded; causality is implied.
+(``True`` = attend), or ``None`` when nothing is padded; causality is implied. A query with no
+key to attend (a left-padding position) gets a zero output and zero statistics, where eager
+attention spreads it uniformly: only padding positions differ.
 
 A forward whose queries do not cover the whole key sequence (decoding with a KV cache, as
 ``generate`` does) or that comes with a ready-made 4-D mask runs PyTorch's
@@ -135,7 +137,9 @@ class Listener(Protocol):
 
     def request(self, layer: int, batch: int, seq_len: int, device: torch.device) -> StatRequest | None: ...
 
-    def deliver(self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None) -> None: ...
+    def deliver(
+        self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None, scale: float
+    ) -> None: ...
 
 
 _LISTENERS: list[tuple[frozenset[int], Listener]] = []
@@ -230,9 +234,11 @@ def attention_forward(
             )
         return _sdpa(query, key, value, attention_mask, scaling), None
 
-    extra = {} if attention_mask is None else {"key_padding_mask": attention_mask.to(torch.bool)}
+    padding = None if attention_mask is None else attention_mask.to(torch.bool)
     if not wants:
-        out, _ = capture_attention(query, key, value, causal=True, sm_scale=scaling, validate=False, **extra)
+        out, _ = capture_attention(
+            query, key, value, causal=True, sm_scale=scaling, key_padding_mask=padding, validate=False
+        )
         return out.transpose(1, 2), None
     out, stats = capture_attention(
         query,
@@ -245,11 +251,12 @@ def attention_forward(
         num_classes=request.num_classes,
         query_label=request.query_label,
         positions=request.positions,
+        key_padding_mask=padding,
         validate=False,
-        **extra,
     )
     q, k = (query.detach(), key.detach()) if request.qk else (None, None)
-    listener.deliver(layer, stats, q, k)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    listener.deliver(layer, stats, q, k, scale)
     return out.transpose(1, 2), None
 
 
@@ -356,7 +363,7 @@ class _Recorder:
             query_label=self.spec.query_label,
         )
 
-    def deliver(self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None) -> None:
+    def deliver(self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None, scale: float) -> None:
         self.record.stats[layer] = {name: x.float() for name, x in stats.items()}
 
 

@@ -70,6 +70,48 @@ def test_logits_and_gradients_equal_eager(family):
         torch.testing.assert_close(go[name], ge[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def left_padded(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (batch, T), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(batch, T, dtype=torch.long)
+    for row, pad in enumerate((0, 3, 7)[:batch]):
+        mask[row, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_logits_and_gradients_equal_eager(family):
+    eager, ours = pair(FAMILIES[family]())
+    ids, mask = left_padded()
+    (le, ge), (lo, go) = logits_and_grads(eager, ids, mask), logits_and_grads(ours, ids, mask)
+    keep = mask.bool()  # padding positions attend to nothing: the kernel gives zeros, eager a uniform mix
+    torch.testing.assert_close(lo[keep], le[keep], atol=1e-5, rtol=1e-5)
+    for name in ge:
+        torch.testing.assert_close(go[name], ge[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_left_padded_statistics_equal_eager_patterns():
+    eager, ours = pair(FAMILIES["llama_gqa"]())
+    ids, mask = left_padded()
+    patterns = [a.detach() for a in eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions]
+    with torch.no_grad(), hf.record_attention(ours, stats=("entropy", "max_prob")) as rec:
+        ours(input_ids=ids, attention_mask=mask)
+    keep = mask.bool()[:, None, :].expand(-1, ours.config.num_attention_heads, -1)
+    for layer, p in enumerate(patterns):
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        torch.testing.assert_close(rec.stats[layer]["entropy"][keep], entropy[keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rec.stats[layer]["max_prob"][keep], p.amax(-1)[keep], atol=1e-5, rtol=1e-5)
+        assert torch.all(rec.stats[layer]["max_prob"][~keep] == 0)  # no key to attend: finite zeros
+
+
+def test_the_mask_function_hands_a_key_padding_mask_or_none():
+    _, mask = left_padded()
+    got = hf.mask_function(3, T, T, attention_mask=mask.bool())
+    assert got.shape == (3, T) and got.dtype == torch.bool and torch.equal(got, mask.bool())
+    assert hf.mask_function(3, T, T, attention_mask=torch.ones(3, T, dtype=torch.bool)) is None
+    assert hf.mask_function(3, T, T) is None
+    assert hf.mask_function(3, 1, T, q_offset=T - 1).shape == (3, 1, 1, T)  # a KV cache: the exact 4-D mask
+
+
 def test_set_attn_implementation_switches_a_built_model():
     eager, _ = pair(FAMILIES["llama_gqa"]())
     ids = torch.randint(1, VOCAB, (2, T))
