@@ -271,3 +271,31 @@ def test_the_cli_trains_the_hf_config(tmp_path):
     main(["fit", *shrunk(tmp_path, config)])
     run = tmp_path / "run" / "version_0"
     assert (run / "icl_curves.jsonl").exists() and (run / "metrics.csv").exists()
+
+
+class UserLM(L.LightningModule):
+    """Someone else's module: a Hugging Face model on the kernel, its own loss, causal-LM dict batches."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+        self.model = model_on_kernel(LlamaConfig(**cfg, vocab_size=7))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_attention_statistics_on_a_users_hf_model(tmp_path):
+    torch.manual_seed(0)
+    data = tiny_modular(batch_format="causal_lm")
+    kwargs = trainer_kwargs(tmp_path, max_steps=4, logger=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"AttentionStatistics stats \['class_mass'\]"):
+        L.Trainer(**kwargs, callbacks=[AttentionStatistics(every_n_steps=2)]).fit(UserLM(), data)
+    attention = AttentionStatistics(every_n_steps=2, stats=("entropy", "max_prob", "same_label_mass"))
+    L.Trainer(**kwargs, callbacks=[attention]).fit(UserLM(), data)
+    assert [r["step"] for r in attention.history] == [2, 4]
+    assert torch.tensor(attention.history[-1]["entropy"]).shape == (2, 4)
+    assert torch.tensor(attention.history[-1]["previous_token"]).shape == (2, 4)
