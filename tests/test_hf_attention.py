@@ -242,6 +242,16 @@ def test_module_refuses_what_the_kernel_cannot_train():
         HFCausalLMModule(task=info)
 
 
+def test_module_loads_a_local_pretrained_directory(tmp_path):
+    info = tiny_modular().task_info
+    cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    saved = AutoModelForCausalLM.from_config(LlamaConfig(**cfg, vocab_size=info.vocab_size))
+    saved.save_pretrained(tmp_path)
+    module = HFCausalLMModule(task=info, pretrained=str(tmp_path))
+    assert hf.uses_kernel(module.model) and module.icl_adapter().native_stats
+    torch.testing.assert_close(module.model.state_dict(), saved.state_dict())
+
+
 # ---- training --------------------------------------------------------------------------------
 TINY_LLAMA = dict(
     model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
