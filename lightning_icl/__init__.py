@@ -10,6 +10,7 @@ from lightning_icl.callbacks import (
     ICLCurves,
 )
 from lightning_icl.capture import Capture, CaptureSpec
+from lightning_icl.hf_module import HFCausalLMModule
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
 from lightning_icl.pruning import HardConcrete, effective_size, heuristic_core, keep_frequency
@@ -35,6 +36,7 @@ __all__ = [
     "CircuitOverlap",
     "ConceptDecodability",
     "ConceptPatching",
+    "HFCausalLMModule",
     "HardConcrete",
     "HeadAblation",
     "HeadAttribution",

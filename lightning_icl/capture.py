@@ -124,7 +124,8 @@ class Capture:
     ``[B, H, P, Dh]`` the per-head z of block ``l``; ``stats[l][name]``
     ``[B, H, P]`` (``class_mass`` ``[B, H, P, C]``). ``positions`` ``[B, P]`` says
     which sequence positions the P axis holds. ``q[l]``, ``k[l]`` ``[B, H, T, Dh]`` cover
-    every position (when ``CaptureSpec.qk``).
+    every position (when ``CaptureSpec.qk``); ``scale[l]`` is layer ``l``'s score scale where the
+    model sets its own (Hugging Face models; otherwise ``1/sqrt(Dh)``).
     """
 
     positions: Tensor
@@ -133,6 +134,7 @@ class Capture:
     stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     q: dict[int, Tensor] = field(default_factory=dict)
     k: dict[int, Tensor] = field(default_factory=dict)
+    scale: dict[int, float] = field(default_factory=dict)
 
 
 def gather_positions(x: Tensor, positions: Tensor, dim: int) -> Tensor:

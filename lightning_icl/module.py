@@ -25,102 +25,24 @@ from lightning_icl.tasks.base import TaskInfo
 from lightning_icl.tasks.batch import ICLBatch
 
 
-class ICLModule(L.LightningModule):
-    """Next-token / regression training on the scored positions of ICL sequences.
+class ICLTaskModule(L.LightningModule):
+    """What every module that trains a model on the package's ICL tasks shares.
 
-    Args:
-        task: what the data looks like (a :class:`TaskInfo` or its dict); the CLI fills it
-            in from the DataModule's ``task_info``.
-        d_model, n_layers, n_heads, d_mlp, positional, bias, activation, tie_embeddings,
-            init_std, attention_backend: the :class:`ICLTransformer`.
-        max_seq_len: the model's context (default: the task's sequence length).
-        lr, betas, eps, weight_decay: AdamW (decay on matrices, embeddings included).
-        warmup_steps, warmup_start_factor: linear warm-up from ``warmup_start_factor * lr`` (in [0, 1])
-            over ``warmup_steps``, which may not exceed ``total_steps`` nor ``trainer.max_steps`` (checked
-            when the fit starts).
-        schedule: ``"cosine"`` (down to ``min_lr_factor * lr`` at ``total_steps``) or ``"constant"``.
-        total_steps: length of the cosine (default: ``trainer.max_steps``).
-
-    Every argument is checked here (the model's by :class:`ICLTransformer`): a bad one raises
-    ``ValueError`` naming it before anything is built.
-
-    Logged: ``train/loss`` (and ``train/acc``); per evaluation split ``{stage}/{split}/{metric}``
-    over all shots, ``..._shot0`` and ``..._last``, where metric is ``loss`` and ``acc``
-    (token tasks) or ``mse`` (vector tasks). Full per-shot curves go to
-    ``icl_curves.jsonl`` in the logger's directory.
-
-    Nothing is lost on a crash: every evaluation (its summary and per-shot curves) is kept in
-    ``eval_history`` and saved with the checkpoint, so a resumed run's ``icl_curves.jsonl`` holds
-    the whole run; a resumed fit first runs a validation its checkpoint was owed (Lightning saves
-    ``every_n_train_steps`` checkpoints before that step's validation). A non-finite training
-    loss or evaluation loss stops the run with a :class:`~lightning_icl.checkpoints.DivergenceError`
-    naming the step, and a checkpoint with non-finite weights is never written; checkpoints carry
-    a digest of their tensors that is checked when they are loaded.
+    The answer loss on the scored positions, ``train/loss`` and ``train/acc``, the per-split,
+    per-shot evaluation (``{stage}/{split}/{metric}``, ``_shot0``, ``_last``), ``icl_curves.jsonl``,
+    the ICL summary, the evaluation history kept in checkpoints and the divergence checks, and
+    AdamW with warm-up and a cosine or constant schedule. Subclasses build ``self.model`` in
+    ``__init__`` (after ``save_hyperparameters``, :meth:`_keep_task` and :meth:`_init_evaluation`)
+    and implement ``forward(batch, capture=None, **kwargs) -> (outputs [B, T, V], capture)``.
     """
 
-    def __init__(
-        self,
-        task: dict | None = None,
-        d_model: int = 128,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        d_mlp: int | None = None,
-        max_seq_len: int | None = None,
-        positional: str = "rope",
-        bias: bool = False,
-        activation: str = "relu",
-        tie_embeddings: bool = True,
-        init_std: float = 0.02,
-        attention_backend: str = "auto",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.01,
-        schedule: str = "cosine",
-        min_lr_factor: float = 0.1,
-        total_steps: int | None = None,
-    ) -> None:
-        super().__init__()
-        info = as_task_info(task)
-        self.save_hyperparameters(ignore=["task"])
+    def _keep_task(self, info: TaskInfo) -> None:
         self.hparams["task"] = info.as_dict()  # plain dict, so checkpoints and hparams.yaml stay portable
         if getattr(self, "_hparams_initial", None) is not None:  # what loggers write (hparams.yaml): the task too
             self._hparams_initial["task"] = info.as_dict()
-        check_number("lr", lr, low=0.0, low_open=True)
-        check_betas(betas)
-        check_number("eps", eps, low=0.0, low_open=True)
-        check_number("weight_decay", weight_decay, low=0.0)
-        check_positive("warmup_steps", warmup_steps, minimum=0)
-        check_number("warmup_start_factor", warmup_start_factor, 0.0, 1.0)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_number("min_lr_factor", min_lr_factor, 0.0, 1.0)
-        check_optional_positive("total_steps", total_steps)
-        if total_steps is not None and warmup_steps > total_steps:
-            raise ValueError(f"warmup_steps={warmup_steps} is longer than total_steps={total_steps}")
-        check_optional_positive("max_seq_len", max_seq_len)
-        max_seq_len = info.seq_len if max_seq_len is None else max_seq_len
-        if info.seq_len > max_seq_len:
-            raise ValueError(
-                f"the task's sequences have {info.seq_len} positions, longer than max_seq_len={max_seq_len}"
-            )
+
+    def _init_evaluation(self, info: TaskInfo) -> None:
         self.task = info
-        self.model = ICLTransformer(
-            vocab_size=info.vocab_size if info.kind == "tokens" else 0,
-            input_dim=info.input_dim if info.kind == "vectors" else 0,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            d_mlp=d_mlp,
-            max_seq_len=max_seq_len,
-            positional=positional,
-            bias=bias,
-            activation=activation,
-            tie_embeddings=tie_embeddings,
-            init_std=init_std,
-            attention_backend=attention_backend,
-        )
         self.is_tokens = info.kind == "tokens"
         names = ("loss", "acc") if self.is_tokens else ("mse",)
         self.eval_metrics = nn.ModuleDict(
@@ -136,17 +58,7 @@ class ICLModule(L.LightningModule):
         self.eval_history: list[dict] = []
         self._curves_started = False
 
-    # ---- forward and loss -------------------------------------------------------------
-    def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
-        extra = {}
-        if capture is not None and capture.stats:
-            extra = {
-                "key_class": batch.token_class,
-                "num_classes": self.task.num_token_classes,
-                "labels": batch.inputs if self.is_tokens else batch.token_class,
-            }
-        return self.model(batch.inputs, capture=capture, **extra, **kwargs)
-
+    # ---- loss -------------------------------------------------------------------------
     def per_position_loss(self, outputs: Tensor, batch: ICLBatch) -> tuple[Tensor, Tensor | None]:
         """Loss ``[N]`` at the N scored positions (row-major), and correctness ``[N]`` for token tasks."""
         return self.answer_loss(outputs[batch.mask], batch.targets[batch.mask])
@@ -308,6 +220,131 @@ class ICLModule(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ICLModule(ICLTaskModule):
+    """Next-token / regression training on the scored positions of ICL sequences.
+
+    Args:
+        task: what the data looks like (a :class:`TaskInfo` or its dict); the CLI fills it
+            in from the DataModule's ``task_info``.
+        d_model, n_layers, n_heads, d_mlp, positional, bias, activation, tie_embeddings,
+            init_std, attention_backend: the :class:`ICLTransformer`.
+        max_seq_len: the model's context (default: the task's sequence length).
+        lr, betas, eps, weight_decay: AdamW (decay on matrices, embeddings included).
+        warmup_steps, warmup_start_factor: linear warm-up from ``warmup_start_factor * lr`` (in [0, 1])
+            over ``warmup_steps``, which may not exceed ``total_steps`` nor ``trainer.max_steps`` (checked
+            when the fit starts).
+        schedule: ``"cosine"`` (down to ``min_lr_factor * lr`` at ``total_steps``) or ``"constant"``.
+        total_steps: length of the cosine (default: ``trainer.max_steps``).
+
+    Every argument is checked here (the model's by :class:`ICLTransformer`): a bad one raises
+    ``ValueError`` naming it before anything is built.
+
+    Logged: ``train/loss`` (and ``train/acc``); per evaluation split ``{stage}/{split}/{metric}``
+    over all shots, ``..._shot0`` and ``..._last``, where metric is ``loss`` and ``acc``
+    (token tasks) or ``mse`` (vector tasks). Full per-shot curves go to
+    ``icl_curves.jsonl`` in the logger's directory.
+
+    Nothing is lost on a crash: every evaluation (its summary and per-shot curves) is kept in
+    ``eval_history`` and saved with the checkpoint, so a resumed run's ``icl_curves.jsonl`` holds
+    the whole run; a resumed fit first runs a validation its checkpoint was owed (Lightning saves
+    ``every_n_train_steps`` checkpoints before that step's validation). A non-finite training
+    loss or evaluation loss stops the run with a :class:`~lightning_icl.checkpoints.DivergenceError`
+    naming the step, and a checkpoint with non-finite weights is never written; checkpoints carry
+    a digest of their tensors that is checked when they are loaded.
+    """
+
+    def __init__(
+        self,
+        task: dict | None = None,
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_mlp: int | None = None,
+        max_seq_len: int | None = None,
+        positional: str = "rope",
+        bias: bool = False,
+        activation: str = "relu",
+        tie_embeddings: bool = True,
+        init_std: float = 0.02,
+        attention_backend: str = "auto",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 0,
+        warmup_start_factor: float = 0.01,
+        schedule: str = "cosine",
+        min_lr_factor: float = 0.1,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        info = as_task_info(task)
+        self.save_hyperparameters(ignore=["task"])
+        self._keep_task(info)
+        check_training_args(
+            lr, betas, eps, weight_decay, warmup_steps, warmup_start_factor, schedule, min_lr_factor, total_steps
+        )
+        check_optional_positive("max_seq_len", max_seq_len)
+        max_seq_len = info.seq_len if max_seq_len is None else max_seq_len
+        if info.seq_len > max_seq_len:
+            raise ValueError(
+                f"the task's sequences have {info.seq_len} positions, longer than max_seq_len={max_seq_len}"
+            )
+        self.task = info
+        self.model = ICLTransformer(
+            vocab_size=info.vocab_size if info.kind == "tokens" else 0,
+            input_dim=info.input_dim if info.kind == "vectors" else 0,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_mlp=d_mlp,
+            max_seq_len=max_seq_len,
+            positional=positional,
+            bias=bias,
+            activation=activation,
+            tie_embeddings=tie_embeddings,
+            init_std=init_std,
+            attention_backend=attention_backend,
+        )
+        self._init_evaluation(info)
+
+    # ---- forward and loss -------------------------------------------------------------
+    def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
+        extra = {}
+        if capture is not None and capture.stats:
+            extra = {
+                "key_class": batch.token_class,
+                "num_classes": self.task.num_token_classes,
+                "labels": batch.inputs if self.is_tokens else batch.token_class,
+            }
+        return self.model(batch.inputs, capture=capture, **extra, **kwargs)
+
+
+def check_training_args(
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    warmup_start_factor: float,
+    schedule: str,
+    min_lr_factor: float,
+    total_steps: int | None,
+) -> None:
+    """The optimiser and schedule arguments of the ICL modules; a bad one raises ``ValueError`` naming it."""
+    check_number("lr", lr, low=0.0, low_open=True)
+    check_betas(betas)
+    check_number("eps", eps, low=0.0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0.0)
+    check_positive("warmup_steps", warmup_steps, minimum=0)
+    check_number("warmup_start_factor", warmup_start_factor, 0.0, 1.0)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_number("min_lr_factor", min_lr_factor, 0.0, 1.0)
+    check_optional_positive("total_steps", total_steps)
+    if total_steps is not None and warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} is longer than total_steps={total_steps}")
 
 
 def as_task_info(task: TaskInfo | Mapping | None) -> TaskInfo:

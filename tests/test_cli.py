@@ -20,6 +20,7 @@ SHRINK_MODEL = [
     "--model.init_args.n_layers=1",
     "--model.init_args.warmup_steps=0",
 ]
+SHRINK_MODELS = {"HFCausalLMModule": ["--model.init_args.warmup_steps=0"]}  # its configs are CPU-sized already
 SHRINK_DATA = {
     "ModularArithmeticDataModule": [
         "--data.init_args.num_tasks=4",
@@ -36,7 +37,9 @@ SHRINK_DATA = {
 
 def shrunk(tmp_path, config):
     with open(config) as f:
-        data_class = yaml.safe_load(f)["data"]["class_path"].split(".")[-1]
+        parsed = yaml.safe_load(f)
+    data_class = parsed["data"]["class_path"].split(".")[-1]
+    model_class = parsed["model"]["class_path"].split(".")[-1]
     return [
         f"--config={config}",
         "--trainer.accelerator=cpu",
@@ -47,7 +50,7 @@ def shrunk(tmp_path, config):
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.logger.init_args.name=run",
-        *SHRINK_MODEL,
+        *SHRINK_MODELS.get(model_class, SHRINK_MODEL),
         *SHRINK_DATA[data_class],
     ]
 

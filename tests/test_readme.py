@@ -56,3 +56,11 @@ def test_after_training_snippet_runs_on_the_api_snippets_model():
         snippet = next(s for s in snippets() if key in s)
         exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["means"].means.shape[0] == 2  # one row of concept means per layer
+
+
+def test_hugging_face_snippet_runs():
+    snippet = next(s for s in snippets() if "record_attention" in s)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["record"].stats[1]["entropy"].shape == (2, 4, 10)
+    assert namespace["logits"].shape == (2, 10, 16)

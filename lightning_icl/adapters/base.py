@@ -94,6 +94,10 @@ class Adapter(ABC):
         outputs, _ = self.forward(copies, head_gates=head_gates.repeat_interleave(b, dim=0), ablate_with=ablate_with)
         return clean, _split_copies(self.score(outputs, copies), n)
 
+    def missing_stats(self, stats: tuple[str, ...]) -> list[str]:
+        """The attention statistics among ``stats`` a capture cannot hold (all of them without ``native_stats``)."""
+        return [] if self.native_stats else list(stats)
+
     # ---- modules, for interventions made with forward hooks ------------------------------
     def residual_module(self, layer: int) -> nn.Module:
         """The module whose output (a tensor, or a tuple starting with one) is the residual stream after ``layer``."""

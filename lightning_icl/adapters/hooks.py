@@ -8,7 +8,9 @@ inert unless the adapter has state for the current call, so an attached adapter
 leaves every other forward of the model untouched.
 
 :class:`HFCausalLMAdapter` finds the projections and blocks of Hugging Face GPT-2 and
-Llama-style decoders.
+Llama-style decoders. A model on ``attn_implementation="lightning_icl"`` (see
+:mod:`lightning_icl.hf`) also gives attention statistics and queries/keys (``native_stats``):
+the attention function hands them to the adapter from the very pass that computes the output.
 
 Batches are mappings (e.g. dicts or ``BatchEncoding``)::
 
@@ -72,10 +74,13 @@ class HookAdapter(Adapter):
     :meth:`detach`. :meth:`forward` attaches them for its own call when they are not
     attached; :meth:`set_training_capture` and :meth:`set_training_gates` attach them and
     leave them attached, since they act on forwards the adapter does not run.
-    Attention statistics are not available (``native_stats = False``).
+    Attention statistics are not available (``native_stats = False``) unless the model runs on
+    the package's attention (:class:`HFCausalLMAdapter` on ``"lightning_icl"``).
     """
 
     native_stats = False
+    key_classes = False
+    """Whether the batches give key classes (``class_mass``); query labels are the input ids."""
 
     def __init__(
         self,
@@ -99,6 +104,9 @@ class HookAdapter(Adapter):
         self._call: _State | None = None  # set by forward() for one call only
         self._train = _State()  # applies to every other forward while set
         self._copy_rows: int | None = None  # rows per copy while score_variants runs a replicated batch
+        # what the statistics read besides q, k: query_label (the model's input ids), key_class, num_classes
+        self._stat_inputs: dict[str, Any] = {}
+        self._listening = False
 
     # ---- hooks --------------------------------------------------------------------------
     @property
@@ -106,13 +114,19 @@ class HookAdapter(Adapter):
         return bool(self._handles)
 
     def attach(self) -> HookAdapter:
-        """Register the hooks (once; attaching again does nothing)."""
-        if self._handles:
-            return self
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
-        for layer, (proj, block) in enumerate(zip(self.out_projs, self.blocks, strict=True)):
-            self._handles.append(proj.register_forward_pre_hook(partial(self._on_out_proj, layer), with_kwargs=True))
-            self._handles.append(block.register_forward_hook(partial(self._on_block, layer)))
+        """Register the hooks (once; attaching again does nothing), and on the package's attention listen
+        to its statistics."""
+        if not self._handles:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+            for layer, (proj, block) in enumerate(zip(self.out_projs, self.blocks, strict=True)):
+                hook = partial(self._on_out_proj, layer)
+                self._handles.append(proj.register_forward_pre_hook(hook, with_kwargs=True))
+                self._handles.append(block.register_forward_hook(partial(self._on_block, layer)))
+        if self.native_stats and not self._listening:
+            from lightning_icl import hf
+
+            hf.listen(self.model, self)
+            self._listening = True
         return self
 
     def detach(self) -> None:
@@ -120,6 +134,11 @@ class HookAdapter(Adapter):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._listening:
+            from lightning_icl import hf
+
+            hf.unlisten(self)
+            self._listening = False
 
     def __enter__(self) -> HookAdapter:
         return self.attach()
@@ -131,20 +150,65 @@ class HookAdapter(Adapter):
         # A forward() call takes precedence: training gates and captures must not leak into it.
         return self._call if self._call is not None else self._train
 
-    def _on_model_call(self, model: nn.Module, args: tuple) -> None:
+    def _on_model_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         # Each training forward starts a fresh capture; its positions are resolved from the
         # first activation the hooks see (the batch shape is only known then).
         if self._call is None and self._train.spec is not None:
             self._train.capture = None
+        self._model_input_ids = kwargs.get("input_ids", args[0] if args else None)
 
     def _capture(self, state: _State, layer: int, x: Tensor) -> Capture | None:
         """The capture to write layer ``layer`` into, created from ``x`` ``[B, T, ...]`` if needed."""
+        return self._capture_for(state, layer, x.shape[0], x.shape[1], x.device)
+
+    def _capture_for(self, state: _State, layer: int, b: int, t: int, device: torch.device) -> Capture | None:
         if state.spec is None or layer not in state.layers:
             return None
         if state.capture is None:
-            b, t = x.shape[:2]
-            state.capture = Capture(positions=state.spec.resolve_positions(b, t, x.device))
+            state.capture = Capture(positions=state.spec.resolve_positions(b, t, device))
         return state.capture
+
+    # ---- statistics from the attention function (models on "lightning_icl") -----------
+    def request(self, layer: int, batch: int, seq_len: int, device: torch.device):
+        """What layer ``layer``'s attention should compute for the current capture (``None``: nothing)."""
+        from lightning_icl.hf import StatRequest
+
+        state = self._active()
+        spec = state.spec
+        if spec is None or not (spec.stats or spec.qk) or layer not in state.layers:
+            return None
+        cap = self._capture_for(state, layer, batch, seq_len, device)
+        inputs = self._stat_inputs
+        query_label = inputs.get("query_label")
+        if query_label is None and "same_label_mass" in spec.stats:
+            query_label = getattr(self, "_model_input_ids", None)
+        if "class_mass" in spec.stats and inputs.get("key_class") is None:
+            raise ValueError(
+                "CaptureSpec stats 'class_mass' needs the token class of every key, which these batches do not give; "
+                f"ask {type(self).__name__} for the other statistics"
+            )
+        return StatRequest(
+            stats=tuple(spec.stats),
+            positions=cap.positions,
+            key_class=inputs.get("key_class"),
+            num_classes=inputs.get("num_classes", 0),
+            query_label=query_label,
+            qk=spec.qk,
+        )
+
+    def deliver(self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None, scale: float) -> None:
+        cap = self._active().capture
+        if stats:
+            cap.stats[layer] = stats
+        if q is not None:
+            cap.q[layer], cap.k[layer] = q, k
+            cap.scale[layer] = scale
+
+    def missing_stats(self, stats: tuple[str, ...]) -> list[str]:
+        """The statistics among ``stats`` this adapter cannot capture."""
+        if not self.native_stats:
+            return list(stats)
+        return [] if self.key_classes else [s for s in stats if s == "class_mass"]
 
     def _on_out_proj(self, layer: int, proj: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._active()
@@ -190,7 +254,16 @@ class HookAdapter(Adapter):
         ``None``/``"zero"``, ``"resample"`` (the previous example's z) or a mean
         ``[L, H, Dh]`` / ``[L, H, T, Dh]``.
         """
-        input_ids = batch["input_ids"]
+        return self._run(batch["input_ids"], batch.get("attention_mask"), capture, head_gates, ablate_with)
+
+    def _run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        capture: CaptureSpec | None,
+        head_gates: Tensor | None,
+        ablate_with: str | Tensor | None,
+    ) -> tuple[Tensor, Capture | None]:
         b, t = input_ids.shape[:2]
         self._check_spec(capture)
         gates = self._check_gates(head_gates, b)
@@ -204,7 +277,7 @@ class HookAdapter(Adapter):
         self.attach()
         self._call = state
         try:
-            out = self.model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             self._call = None
             if temporary:
@@ -215,8 +288,17 @@ class HookAdapter(Adapter):
         return logits, state.capture
 
     def _check_spec(self, spec: CaptureSpec | None) -> None:
-        """Hooks see head outputs and block outputs only: what they cannot capture is an error, not ``{}``."""
+        """Hooks see head outputs and block outputs only (and, on the package's attention, statistics and
+        queries/keys): what they cannot capture is an error, not ``{}``."""
         if spec is None:
+            return
+        if self.native_stats:
+            missing = self.missing_stats(tuple(spec.stats))
+            if missing:
+                raise ValueError(
+                    f"CaptureSpec stats {missing} need the token class of every key, which {type(self).__name__} "
+                    "does not have for these batches"
+                )
             return
         if spec.stats:
             raise ValueError(
@@ -351,7 +433,17 @@ class HookAdapter(Adapter):
 
 
 class HFCausalLMAdapter(HookAdapter):
-    """:class:`HookAdapter` for Hugging Face GPT-2 and Llama-style causal LMs."""
+    """:class:`HookAdapter` for Hugging Face GPT-2 and Llama-style causal LMs.
+
+    On ``attn_implementation="lightning_icl"`` (``import lightning_icl.hf``) the adapter is
+    ``native_stats``: captures with ``stats`` (``class_mass`` only where the batches give key classes)
+    and ``qk`` come from the attention pass itself, in :meth:`forward` and in the training step
+    (:meth:`set_training_capture`); ``qk`` keys are expanded to the query heads.
+    """
+
+    @property
+    def native_stats(self) -> bool:
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None) == "lightning_icl"
 
     @classmethod
     def from_model(cls, module: L.LightningModule, model: nn.Module) -> HFCausalLMAdapter:

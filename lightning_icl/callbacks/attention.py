@@ -46,8 +46,16 @@ class AttentionStatistics(ICLCallback):
     def check(self, trainer, pl_module, adapter, batch) -> None:
         if not adapter.native_stats:
             self.warn_once(
-                f"AttentionStatistics needs the fused attention of lightning_icl models; "
-                f"{type(pl_module).__name__} does not use it, so no attention statistics are recorded"
+                f"AttentionStatistics needs the fused attention of lightning_icl models (or a Hugging Face model on "
+                f"attn_implementation='lightning_icl'); {type(pl_module).__name__} does not use it, so no attention "
+                "statistics are recorded"
+            )
+            return
+        missing = adapter.missing_stats(self.stats)
+        if missing:
+            raise ValueError(
+                f"AttentionStatistics stats {missing}: {type(pl_module).__name__}'s batches do not give the token "
+                f"class of every key; pass stats={tuple(s for s in self.stats if s not in missing)}"
             )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -91,7 +99,9 @@ class AttentionStatistics(ICLCallback):
             for layer in layers:
                 q, k = cap.q[layer], cap.k[layer]
                 t = q.shape[2]
-                prev = attention_probability(q, k, cap.stats[layer]["lse"], torch.arange(t, device=q.device) - 1)
+                prev = attention_probability(
+                    q, k, cap.stats[layer]["lse"], torch.arange(t, device=q.device) - 1, sm_scale=cap.scale.get(layer)
+                )
                 scores.append(prev[:, :, 1:].mean(dim=(0, 2)))
             record["previous_token"] = trainer.strategy.reduce(torch.stack(scores), reduce_op="mean").tolist()
         return record

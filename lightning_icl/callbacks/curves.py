@@ -52,9 +52,9 @@ class ICLCurves(ICLCallback):
     def held_out_loaders(self, trainer, pl_module) -> list[int]:
         """Every loader when the callback runs batches itself (every ``every_n_steps``, or on a model
         whose validation pass it cannot read); none when it only reads ``ICLModule``'s validation."""
-        from lightning_icl.module import ICLModule
+        from lightning_icl.module import ICLTaskModule
 
-        if self.every_n_steps or not isinstance(pl_module, ICLModule):
+        if self.every_n_steps or not isinstance(pl_module, ICLTaskModule):
             return list(range(len(self.validation_loaders(trainer))))
         return []
 
