@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU number the package owes, in one command on a CUDA machine, within 8 minutes on one
-# H100/H200: the GPU test tier, the capture benchmark and the callback benchmark.
+# H100/H200: the GPU test tier, the capture, callback and Hugging Face benchmarks.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]          # default: benchmarks/results
 #
 # Each stage has its own time limit, and the benchmarks stop starting new rows when their
 # budget is spent (the rows left out are listed in their tables), so the suite ends on time and
-# keeps what it measured. Logs and tables land in OUT_DIR (seven files: three logs, two tables
+# keeps what it measured. Logs and tables land in OUT_DIR (ten files: four logs, three tables
 # of two files each). Needs torch, triton and lightning
 # (and pytest, pytest-xdist for the tests); installs nothing from the network.
 set -uo pipefail
@@ -54,4 +54,10 @@ timeout 75 "$PY" -m benchmarks.callbacks --accelerator gpu --steps 1000 --repeat
     >"$OUT/gpu_callbacks.log" 2>&1
 echo "callback benchmark exit code $?" >>"$OUT/gpu_callbacks.log"
 tail -n 6 "$OUT/gpu_callbacks.log"
+
+# 4. Hugging Face models on "lightning_icl" (with statistics) vs transformers' "sdpa", fwd + bwd.
+stamp "hf benchmark"
+timeout 60 "$PY" -m benchmarks.hf --reps 10 --out "$OUT" >"$OUT/gpu_hf.log" 2>&1
+echo "hf benchmark exit code $?" >>"$OUT/gpu_hf.log"
+tail -n 8 "$OUT/gpu_hf.log"
 stamp "done"

@@ -84,3 +84,14 @@ def test_capture_goals_judge_the_ratios_of_the_run():
     assert "met; he: 1.08" in fwd and "not met" not in fwd
     assert "not met; he: 1.10" in next(v for k, v in lines.items() if k.endswith("fwd+bwd") and "1.05x" in k)
     assert "met; he2024: 1.11" in next(v for k, v in lines.items() if k.startswith("paper-config"))
+
+
+def test_hf_benchmark_times_every_arm_side_by_side(tmp_path):
+    from benchmarks.hf import main
+
+    rows = main(["--quick", "--reps", "2", "--out", str(tmp_path)])
+    assert {r["attention"] for r in rows} == {"sdpa", "lightning_icl", "lightning_icl + stats"}
+    assert len(rows) == 6 and all(r["step ms"] > 0 for r in rows)
+    assert [r["vs sdpa"] for r in rows if r["attention"] == "sdpa"] == [1.0, 1.0]
+    table = (tmp_path / "hf_attention_cpu_quick.md").read_text()
+    assert "Goal: a training step with every head's statistics recorded" in table and "- torch: " in table

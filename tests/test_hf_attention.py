@@ -12,6 +12,7 @@ from test_cli import shrunk
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -37,6 +38,7 @@ FAMILIES = {
     "llama_gqa": lambda: LlamaConfig(**LLAMA, num_key_value_heads=2),
     "qwen2_gqa": lambda: Qwen2Config(**LLAMA, num_key_value_heads=2),
     "mistral_window_ge_T": lambda: MistralConfig(**LLAMA, num_key_value_heads=1, sliding_window=T),
+    "gemma_mqa": lambda: GemmaConfig(**LLAMA, num_key_value_heads=1, head_dim=16),
 }
 
 
