@@ -78,10 +78,14 @@ def seal(checkpoint: dict, step: int | None = None) -> None:
 
 def verify(checkpoint: dict, path: str | None = None) -> None:
     """Raise ``ValueError`` when ``checkpoint`` carries a digest its tensors no longer match."""
-    expected = checkpoint.get(CHECKPOINT_KEY, {}).get("digest") if isinstance(checkpoint, dict) else None
-    if expected is not None and digest(checkpoint) != expected:
+    extra = checkpoint.get(CHECKPOINT_KEY, {}) if isinstance(checkpoint, dict) else {}
+    expected = extra.get("digest")
+    if expected is None or extra.get("verified") == expected:  # the module and every callback ask: hash once
+        return
+    if digest(checkpoint) != expected:
         where = f"checkpoint {path}" if path else "the checkpoint"
         raise ValueError(f"{where} is damaged: its weights do not match the digest saved with them")
+    extra["verified"] = expected
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
