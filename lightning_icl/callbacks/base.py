@@ -334,11 +334,7 @@ def heatmap(
     width = max(4.8, 1.6 + 0.75 * values.shape[1])
     height = max(3.2, 1.4 + 0.6 * values.shape[0])
     fig, ax = plt.subplots(figsize=(width, height))
-    if symmetric and vmin is None and vmax is None:
-        finite = values[torch.isfinite(values)]
-        limit = float(finite.abs().max()) if finite.numel() else 0.0
-        vmin, vmax = -(limit or 1.0), limit or 1.0
-    draw_heatmap(ax, values, title, colorbar, row_label, col_label, vmin=vmin, vmax=vmax)
+    draw_heatmap(ax, values, title, colorbar, row_label, col_label, vmin=vmin, vmax=vmax, symmetric=symmetric)
     fig.tight_layout()
     return fig
 
@@ -353,10 +349,11 @@ def draw_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     colorbar_on: bool = True,
+    symmetric: bool = False,
 ):
     """A ``[rows, cols]`` heatmap on ``ax``; returns the image.
 
-    Diverging colours symmetric around 0 when any value is negative (unless ``vmin``/``vmax``
+    Diverging colours symmetric around 0 when any value is negative or ``symmetric`` is set (unless ``vmin``/``vmax``
     fix the scale: give them for bounded quantities such as probabilities, so that two figures
     read alike); the value of each cell is printed on grids of up to ``ANNOTATE_CELLS`` cells.
     """
@@ -364,7 +361,7 @@ def draw_heatmap(
     finite = values[torch.isfinite(values)]
     limit = float(finite.abs().max()) if finite.numel() else 1.0
     limit = limit or 1.0
-    signed = bool((finite < 0).any()) if vmin is None else vmin < 0
+    signed = symmetric or (bool((finite < 0).any()) if vmin is None else vmin < 0)
     if vmin is None and vmax is None and signed:
         vmin, vmax = -limit, limit
     cmap = "RdBu_r" if signed else "viridis"
