@@ -13,8 +13,13 @@ import time
 import torch
 
 from lightning_icl.adapters import ICLModuleAdapter
-from lightning_icl.patching import concept_means, concept_patching, function_vector_effects, query_head_means
-from lightning_icl.prune_cli import load_trained
+from lightning_icl.checkpoints import load_trained
+from lightning_icl.interventions.patching import (
+    concept_means,
+    concept_patching,
+    function_vector_effects,
+    query_head_means,
+)
 
 
 def main(ckpt: str) -> None:

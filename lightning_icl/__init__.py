@@ -13,8 +13,7 @@ from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.hf_module import HFCausalLMModule
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
-from lightning_icl.pruning import HardConcrete, effective_size, heuristic_core, keep_frequency
-from lightning_icl.subnetwork import SubnetworkPruning
+from lightning_icl.pruning import HardConcrete, SubnetworkPruning, effective_size, heuristic_core, keep_frequency
 from lightning_icl.tasks import (
     BitwiseDataModule,
     ICLBatch,

@@ -14,19 +14,28 @@ hold a diverged model; resumed runs that miss no evaluation.
   callbacks run it at the start of the resumed fit, so the resumed run holds every evaluation an
   uninterrupted run would.
 - :class:`DivergenceError`: a non-finite loss stops the run at its step, in one line.
+- :func:`load_trained` / :func:`load_datamodule`: a trained run back from its checkpoint, the
+  module and the DataModule it was trained with (what ``prune``, ``core`` and the patching
+  reproduction start from).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 
 from lightning_icl.records import CHECKPOINT_KEY
+
+if TYPE_CHECKING:
+    from lightning_icl.module import ICLModule
+    from lightning_icl.tasks import ICLDataModule
 
 
 class DivergenceError(RuntimeError):
@@ -199,3 +208,63 @@ def divergence_message(trainer, name: str, value: float) -> str:
         f"training diverged: {name} is {value} at step {trainer.global_step}; {where}. "
         "Try a lower learning rate, gradient clipping, or bf16-mixed instead of 16-true precision"
     )
+
+
+# ---- a trained run back from its checkpoint ----------------------------------------------
+def load_trained(ckpt_path: str) -> tuple[ICLModule, ICLDataModule]:
+    """The :class:`~lightning_icl.ICLModule` of a checkpoint and its DataModule rebuilt from the saved hyperparameters.
+
+    A missing, empty, truncated, damaged or foreign file is a ``ValueError`` naming it."""
+    checkpoint = load_checkpoint(ckpt_path)
+    if "task" not in (checkpoint.get("hyper_parameters") or {}):
+        raise ValueError(f"checkpoint {ckpt_path} is not an ICLModule checkpoint (its hyperparameters hold no task)")
+    from lightning_icl.module import ICLModule
+
+    module = ICLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return module, load_datamodule(ckpt_path, checkpoint)
+
+
+def load_datamodule(ckpt_path: str, checkpoint: dict | None = None) -> ICLDataModule:
+    """The DataModule a checkpoint was trained with, from its saved hyperparameters.
+
+    The class is the ``_class_path`` LightningCLI stores; a checkpoint from a plain
+    ``Trainer.fit`` has none, and then the package DataModule whose constructor takes the
+    saved arguments is used. Batches come as :class:`ICLBatch` whatever ``batch_format`` was.
+    """
+    ckpt = load_checkpoint(ckpt_path) if checkpoint is None else checkpoint
+    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    if not hparams:
+        raise ValueError(f"{ckpt_path} holds no DataModule hyperparameters: was it trained with a DataModule?")
+    hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path", None)
+    cls = _import_datamodule(class_path) if class_path else _datamodule_taking(hparams)
+    if "batch_format" in hparams:
+        hparams["batch_format"] = "icl"
+    return cls(**hparams)
+
+
+def _import_datamodule(class_path: str) -> type[ICLDataModule]:
+    import lightning_icl
+    from lightning_icl.tasks import ICLDataModule
+
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name) if module_name else lightning_icl, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ICLDataModule)):
+        raise ValueError(f"the checkpoint's DataModule {class_path!r} is not an ICLDataModule of this package")
+    return cls
+
+
+def _datamodule_taking(hparams: dict) -> type[ICLDataModule]:
+    import lightning_icl
+    from lightning_icl.tasks import ICLDataModule
+
+    candidates = [
+        cls
+        for cls in vars(lightning_icl).values()
+        if isinstance(cls, type) and issubclass(cls, ICLDataModule) and cls is not ICLDataModule
+    ]
+    fits = [cls for cls in candidates if set(hparams) <= set(inspect.signature(cls.__init__).parameters)]
+    if len(fits) != 1:
+        names = sorted(c.__name__ for c in fits)
+        raise ValueError(f"cannot tell the checkpoint's DataModule from its arguments {sorted(hparams)}: {names}")
+    return fits[0]

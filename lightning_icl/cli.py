@@ -1,7 +1,7 @@
 """``lightning-icl``: LightningCLI over the package's modules and DataModules.
 
 Two more commands read a trained checkpoint: ``lightning-icl prune`` and ``lightning-icl core``
-(subnetworks and their heuristic core, :mod:`lightning_icl.prune_cli`); ``lightning-icl report``
+(subnetworks and their heuristic core, :mod:`lightning_icl.pruning.cli`); ``lightning-icl report``
 draws run directories (:mod:`lightning_icl.reports`).
 """
 
@@ -212,7 +212,7 @@ def main(args: list[str] | None = None) -> None:
 
 def _dispatch(args: list[str] | None, argv: list[str]) -> None:
     if argv and argv[0] in ("prune", "core"):
-        from lightning_icl.prune_cli import COMMANDS
+        from lightning_icl.pruning.cli import COMMANDS
 
         COMMANDS[argv[0]](argv[1:])
         return

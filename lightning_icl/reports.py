@@ -111,7 +111,7 @@ def plot_head_importance(ablation: dict | None, attribution: dict | None, out: s
         image = draw_heatmap(ax, value, title, "", vmin=-limit, vmax=limit, colorbar_on=False)
     fig.colorbar(image, ax=list(axes[0]), label="loss increase when the head is removed (nats)")
     if ablation is not None and attribution is not None:
-        from lightning_icl.callbacks.heads import spearman
+        from lightning_icl.metrics.functional import spearman
 
         agreement = spearman(values[0], values[1])
         same = "" if ablation["step"] == attribution["step"] else " (different steps)"
@@ -189,7 +189,7 @@ def plot_patching(record: dict, out: str) -> str:
 
 def plot_core(summary: dict, out: str) -> str:
     """Keep frequency of every head over the subnetworks of ``lightning-icl core`` (core outlined)."""
-    from lightning_icl.prune_cli import plot_keep_frequency
+    from lightning_icl.plotting import plot_keep_frequency
 
     return plot_keep_frequency(summary, out)
 

@@ -43,9 +43,9 @@ from lightning_icl import (
 )
 from lightning_icl.adapters import ICLModuleAdapter
 from lightning_icl.interventions import ablate_with, ablation_effects, head_attribution
+from lightning_icl.interventions.patching import concept_means, concept_patching, function_vector_effects, zero_shot
 from lightning_icl.kernels import attention_probability, capture_attention
-from lightning_icl.metrics import ConceptDecodability as DecodabilityMetric
-from lightning_icl.metrics import PerShotMean, per_shot_mean
+from lightning_icl.metrics import KNNDecodability, PerShotMean, per_shot_mean
 from lightning_icl.metrics.functional import (
     concept_decodability,
     decodability_baselines,
@@ -53,7 +53,6 @@ from lightning_icl.metrics.functional import (
     ridge_probe_accuracy,
 )
 from lightning_icl.optim import decay_groups, lr_factor
-from lightning_icl.patching import concept_means, concept_patching, function_vector_effects, zero_shot
 from lightning_icl.tasks import BitwiseDataModule
 
 NAN, INF = float("nan"), float("inf")
@@ -441,9 +440,9 @@ POINTS = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
 LABELS = torch.tensor([0, 0, 0, 1, 1, 1])
 
 METRICS = [
-    ("decodability-metric-k-zero", "k", lambda: DecodabilityMetric(k=0)),
-    ("decodability-metric-k-float", "k", lambda: DecodabilityMetric(k=2.5)),
-    ("decodability-metric-distance", "distance", lambda: DecodabilityMetric(distance="l1")),
+    ("decodability-metric-k-zero", "k", lambda: KNNDecodability(k=0)),
+    ("decodability-metric-k-float", "k", lambda: KNNDecodability(k=2.5)),
+    ("decodability-metric-distance", "distance", lambda: KNNDecodability(distance="l1")),
     ("per-shot-mean-num-shots-zero", "num_shots", lambda: PerShotMean(num_shots=0)),
     ("per-shot-mean-num-shots-float", "num_shots", lambda: PerShotMean(num_shots=2.5)),
     ("per-shot-shot-out-of-range", "shot", lambda: per_shot_mean(torch.ones(3), torch.tensor([0, 1, 5]), 3)),
@@ -550,7 +549,7 @@ def test_the_baselines_are_valid():
     attend(stats=("lse",), key_padding_mask=torch.ones(1, 8, dtype=torch.bool))
     attention_probability(qkv()[0], qkv()[1], torch.zeros(1, 2, 8), torch.arange(8))
     HeadAblation(), HeadAttribution(), AttentionStatistics(), CircuitOverlap(), ConceptDecodability()
-    ConceptPatching(), ICLCurves(), HardConcrete((2, 2)), DecodabilityMetric(k=2), PerShotMean(3)
+    ConceptPatching(), ICLCurves(), HardConcrete((2, 2)), KNNDecodability(k=2), PerShotMean(3)
     keep_frequency([torch.ones(2, 2)]), heuristic_core([torch.ones(2, 2)])
     assert effective_size([masks_record()], 0.9) == 50.0
     SubnetworkPruning(module())

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl import CaptureSpec, ConceptPatching
 from lightning_icl.adapters import ICLModuleAdapter
-from lightning_icl.patching import (
+from lightning_icl.interventions.patching import (
     concept_means,
     concept_patching,
     final_query,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_modular, tiny_module, trainer_kwargs
+from lightning_icl.checkpoints import load_datamodule, load_trained
 from lightning_icl.cli import main
-from lightning_icl.prune_cli import load_datamodule, load_trained, summarize_runs, write_core_report
+from lightning_icl.pruning import summarize_runs, write_core_report
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def test_bad_input_is_named(tmp_path):
 
 def test_report_draws_the_core_of_a_sweep_through_the_command_line(tmp_path, capsys):
     from lightning_icl.cli import main as cli_main
-    from lightning_icl.prune_cli import summarize_runs, write_core_report
+    from lightning_icl.pruning import summarize_runs, write_core_report
 
     full = {"id_seen": 0.95}
     runs = [

@@ -10,8 +10,7 @@ import torch
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl import ICLBatch, ICLModule
 from lightning_icl.capture import CaptureSpec
-from lightning_icl.pruning import heuristic_core
-from lightning_icl.subnetwork import SubnetworkPruning
+from lightning_icl.pruning import SubnetworkPruning, heuristic_core
 from lightning_icl.tasks.base import ICLDataModule, TaskInfo
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_icl.capture import Capture, CaptureSpec, gather_positions
-from lightning_icl.models.transformer import gate_heads
+from lightning_icl.interventions.gating import gate_heads
 
 from .base import Adapter, Scored
 

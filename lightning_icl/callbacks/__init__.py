@@ -1,11 +1,12 @@
 """Interpretability callbacks: drop into any Trainer; see :class:`ICLCallback` for the shared options."""
 
+from .ablation import HeadAblation
 from .attention import AttentionStatistics
+from .attribution import HeadAttribution
 from .base import ICLCallback
 from .circuits import CircuitOverlap
 from .curves import ICLCurves
 from .decodability import ConceptDecodability
-from .heads import HeadAblation, HeadAttribution
 from .patching import ConceptPatching
 
 __all__ = [

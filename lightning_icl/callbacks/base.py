@@ -16,6 +16,7 @@ from lightning_icl import records
 from lightning_icl.adapters import Adapter, adapter_for
 from lightning_icl.checkpoints import catch_up_evaluation, check_finite_loss, seal, verify
 from lightning_icl.checks import check_flag, check_optional_positive, check_positive
+from lightning_icl.metrics.functional import spearman
 
 
 class ICLCallback(L.Callback):
@@ -294,6 +295,17 @@ class ICLCallback(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         verify(checkpoint, trainer.ckpt_path)
         records.load_run_id(trainer, checkpoint)
+
+
+def rank_agreement_with(trainer, me, partner_type, partner_field: str, mine: torch.Tensor, step: int) -> dict[str, Any]:
+    """``rank_agreement`` with the latest record of a partner callback measured at this same step, if any."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, partner_type) and callback is not me and callback.history:
+            last = callback.history[-1]
+            if last["step"] == step and callback.dataloader_idx == me.dataloader_idx:
+                theirs = torch.tensor(last[partner_field if partner_field in last else "loss_effect_estimate"])
+                return {"rank_agreement": spearman(theirs, mine.cpu()), "rank_agreement_with": callback.key}
+    return {}
 
 
 def reduce_padded(trainer: L.Trainer, sums: torch.Tensor) -> torch.Tensor:

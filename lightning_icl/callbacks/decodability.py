@@ -8,7 +8,7 @@ import torch
 
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.checks import check_choice, check_flag, check_positive
-from lightning_icl.metrics import ConceptDecodability as DecodabilityMetric
+from lightning_icl.metrics import KNNDecodability
 from lightning_icl.metrics.functional import (
     DISTANCES,
     concept_decodability,
@@ -90,7 +90,7 @@ class ConceptDecodability(ICLCallback):
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, Any]:
         adapter = self.adapter(pl_module)
-        metric = DecodabilityMetric(self.k, self.distance).to(pl_module.device)
+        metric = KNNDecodability(self.k, self.distance).to(pl_module.device)
         for batch in self.eval_batches(trainer, pl_module):
             answers = adapter.answer_positions(batch)
             positions = answers if self.by_shot else answers[:, -1:]  # the token(s) before the answer(s)

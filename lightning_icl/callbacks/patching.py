@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lightning_icl.checks import check_choice, check_flag, check_number, index_list
-from lightning_icl.patching import (
+from lightning_icl.interventions.patching import (
     PATCH_METHODS,
     ConceptMeans,
     check_prompt_layout,
@@ -21,7 +21,8 @@ from .base import ICLCallback, reduce_padded
 
 
 class ConceptPatching(ICLCallback):
-    """Is the concept representation causal? Patching at the final query (see :mod:`lightning_icl.patching`).
+    """Is the concept representation causal? Patching at the final query
+    (see :mod:`lightning_icl.interventions.patching`).
 
     Of the first ``num_batches`` held-out batches, the even-numbered give the means (per-concept
     mean residual at each layer; each head's mean output) and the odd-numbered are patched, so no
@@ -38,7 +39,7 @@ class ConceptPatching(ICLCallback):
     Args:
         layers: layers to patch (default all).
         method: ``"shift"`` (add the concept's direction) or ``"replace"`` (overwrite with its mean);
-            see :func:`~lightning_icl.patching.concept_patching`.
+            see :func:`~lightning_icl.interventions.patching.concept_patching`.
         scale: multiplies the direction in ``"shift"``.
         zero_shot: also patch zero-shot prompts.
         function_vectors: also measure every head's indirect effect.

@@ -1,4 +1,5 @@
-"""``ConceptDecodability`` as a torchmetrics metric: features gathered across ranks, then kNN."""
+"""``KNNDecodability``: concept decodability (kNN over layer representations) as a torchmetrics
+metric; features are gathered across ranks, then classified by kNN."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lightning_icl.checks import check_choice, check_positive
 from .functional import DISTANCES, concept_decodability
 
 
-class ConceptDecodability(Metric):
+class KNNDecodability(Metric):
     """Leave-one-out kNN decodability of the concept label, over everything seen since the last reset.
 
     ``update(features, labels)`` takes ``[N, D]`` or ``[N, L, D]`` (L layers at once) and ``[N]``.
@@ -19,7 +20,7 @@ class ConceptDecodability(Metric):
     one process would compute on all of them. ``compute()`` returns CD (a scalar, or ``[L]``).
 
     Example:
-        >>> metric = ConceptDecodability(k=2)
+        >>> metric = KNNDecodability(k=2)
         >>> metric.update(torch.tensor([[0.0], [0.1], [0.2]]), torch.tensor([0, 0, 0]))
         >>> metric.update(torch.tensor([[5.0], [5.1], [5.2]]), torch.tensor([1, 1, 1]))
         >>> metric.compute()
@@ -54,4 +55,4 @@ class ConceptDecodability(Metric):
         return concept_decodability(features, labels, k=self.k, distance=self.distance)
 
 
-__all__ = ["ConceptDecodability"]
+__all__ = ["KNNDecodability"]

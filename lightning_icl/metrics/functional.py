@@ -199,3 +199,12 @@ def stratified_halves(labels: Tensor) -> Tensor:
         idx = (labels == label).nonzero()[:, 0]
         train[idx[::2]] = True
     return train
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two same-sized tensors (ties broken by position)."""
+    rank = lambda x: x.flatten().double().argsort().argsort().double()
+    ra, rb = rank(a), rank(b)
+    if ra.numel() < 2:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_icl.capture import Capture, CaptureSpec, gather_positions
 from lightning_icl.checks import check_choice, check_flag, check_number, check_optional_positive, check_positive
+from lightning_icl.interventions.gating import ablation_value, gate_heads, gate_mlp, is_zero
 from lightning_icl.kernels import BACKENDS, capture_attention, check_head_dim
 
 POSITIONAL = ("rope", "learned", "none")
@@ -108,34 +109,6 @@ class Attention(nn.Module):
         return self.project(y), z, st
 
 
-def gate_heads(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None, group: int | None = None) -> Tensor:
-    """``g * z + (1 - g) * mu`` per head on z ``[B, H, T, Dh]``; gate ``[H]`` or ``[B, H]``.
-
-    ``ablate_with`` (mu): ``None``/``"zero"``, ``"resample"`` (the previous example's z) or a
-    mean ``[H, Dh]`` / ``[H, T, Dh]``. Every adapter gates through this one rule. ``group``:
-    for a batch made of copies of one batch of ``group`` rows, resample within each copy.
-    """
-    g = gate.to(z.dtype).reshape(-1 if gate.dim() == 2 else 1, z.shape[1], 1, 1)
-    if _is_zero(ablate_with):
-        return g * z
-    return g * z + (1 - g) * _ablation_value(z, ablate_with, group)
-
-
-def _is_zero(ablate_with: str | Tensor | None) -> bool:
-    return ablate_with is None or (isinstance(ablate_with, str) and ablate_with == "zero")
-
-
-def _ablation_value(z: Tensor, ablate_with: str | Tensor | None, group: int | None = None) -> Tensor:
-    """The ``mu`` of :func:`gate_heads` for z ``[B, H, T, Dh]``, broadcastable to z."""
-    if _is_zero(ablate_with):
-        return torch.zeros_like(z)
-    if isinstance(ablate_with, str):  # "resample": each example takes its neighbour's head outputs
-        rows = z.shape[0] if group is None else group
-        return torch.roll(z.unflatten(0, (-1, rows)), shifts=1, dims=1).flatten(0, 1)
-    mu = ablate_with.to(z.dtype)  # a mean per head, [H, Dh] or per position [H, T, Dh]
-    return mu[:, None, :] if mu.dim() == 2 else mu[:, : z.shape[2]]
-
-
 class Block(nn.Module):
     def __init__(
         self, d_model: int, n_heads: int, d_mlp: int, bias: bool, activation: str, rotary: Rotary | None, backend: str
@@ -162,16 +135,6 @@ class Block(nn.Module):
         if mlp_gate is not None:
             m = gate_mlp(m, mlp_gate, mlp_ablate_with)
         return h + m, z, stats
-
-
-def gate_mlp(m: Tensor, gate: Tensor, ablate_with: Tensor | None) -> Tensor:
-    """``g * m + (1 - g) * mu`` on an MLP output m ``[B, T, D]``; gate a scalar or ``[B]``, mu ``[D]`` or ``[T, D]``."""
-    g = gate.to(m.dtype).reshape(-1, 1, 1)  # [B or 1, 1, 1]
-    if ablate_with is None:
-        return g * m
-    mu = ablate_with.to(m.dtype)
-    mu = mu if mu.dim() == 1 else mu[: m.shape[1]]  # [D] or [T, D], broadcast over the batch
-    return g * m + (1 - g) * mu
 
 
 class ICLTransformer(nn.Module):
@@ -411,7 +374,7 @@ class ICLTransformer(nn.Module):
             delta = None
             if joining:  # they branch off the clean rows: z - (g - 1)(z - mu) per gated head, linearly
                 zc = z[:b]
-                diff = zc if _is_zero(mu) else zc - _ablation_value(zc, mu)  # [B, H, T, Dh]
+                diff = zc if is_zero(mu) else zc - ablation_value(zc, mu)  # [B, H, T, Dh]
             last = i == self.n_layers - 1
             if last and positions is not None:  # nothing after the last attention mixes positions
                 rows = positions.repeat(1 + len(members), 1)  # [R, P]

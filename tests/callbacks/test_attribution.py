@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl.adapters import HookAdapter, ICLModuleAdapter
 from lightning_icl.callbacks import ConceptDecodability, HeadAblation, HeadAttribution
-from lightning_icl.callbacks.heads import spearman
 from lightning_icl.interventions import ablation_effects, head_attribution
+from lightning_icl.metrics.functional import spearman
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_concept_patching_on_a_hugging_face_model_with_causal_lm_batches(tmp_pat
 
 
 def test_causal_lm_prompts_match_the_icl_batch_prompts():
-    from lightning_icl.patching import shuffle_answers, zero_shot
+    from lightning_icl.interventions.patching import shuffle_answers, zero_shot
 
     batch = tiny_modular().val_dataloader()[0].dataset[0]
     lm = zero_shot(batch.as_causal_lm())

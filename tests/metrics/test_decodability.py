@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_icl.metrics import ConceptDecodability
+from lightning_icl.metrics import KNNDecodability
 from lightning_icl.metrics.functional import concept_decodability, knn_predict, ridge_probe_accuracy
 
 
@@ -107,7 +107,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="at least 2 points"):
         concept_decodability(x[:1], y[:1])
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
-        ConceptDecodability(k=0)
+        KNNDecodability(k=0)
     with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
         ridge_probe_accuracy(x, y, x, y, ridge=0.0)
 
@@ -115,7 +115,7 @@ def test_bad_input_is_named():
 def test_metric_accumulates_like_the_functional_form():
     x, y = clusters(25, torch.eye(4) * 2, 1.0)
     layers = torch.stack([x, x.flip(1) * 0.5 + 0.1 * torch.randn_like(x)], dim=1)  # [N, L, D]
-    metric = ConceptDecodability(k=5)
+    metric = KNNDecodability(k=5)
     perm = torch.randperm(100, generator=torch.Generator().manual_seed(0))
     for chunk in perm.split(30):
         metric.update(layers[chunk], y[chunk])
@@ -135,7 +135,7 @@ def _free_port() -> int:
 def _ddp_worker(rank, world, port, x, y, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    metric = ConceptDecodability(k=7)
+    metric = KNNDecodability(k=7)
     half = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     metric.update(x[half], y[half])
     out[rank] = metric.compute().item()

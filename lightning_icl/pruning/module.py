@@ -25,8 +25,9 @@ from torchmetrics import MeanMetric
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.checks import check_choice, check_flag, check_number, check_positive
 from lightning_icl.module import ICLModule
-from lightning_icl.pruning import HardConcrete
 from lightning_icl.tasks.batch import ICLBatch
+
+from .masks import HardConcrete
 
 WEIGHTINGS = ("params", "units")
 DIVERGENCES = ("pruned_full", "full_pruned")

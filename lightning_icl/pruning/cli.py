@@ -1,8 +1,8 @@
 """``lightning-icl prune`` and ``lightning-icl core``: subnetworks of a trained checkpoint.
 
-``prune`` learns one subnetwork (:class:`~lightning_icl.subnetwork.SubnetworkPruning`) at one
+``prune`` learns one subnetwork (:class:`~lightning_icl.pruning.SubnetworkPruning`) at one
 target sparsity and seed and writes ``mask.json``. ``core`` runs ``prune`` over sparsities x
-seeds and writes the heuristic core of the subnetworks (:mod:`lightning_icl.pruning`): a table
+seeds and writes the heuristic core of the subnetworks (:mod:`lightning_icl.pruning.core`): a table
 of runs (CSV and markdown), the keep frequency of every head, the core, the effective size and
 a heatmap of the keep frequency.
 """
@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import importlib
-import inspect
-import json
 import logging
 import os
 import time
@@ -22,72 +18,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lightning_icl.checkpoints import load_checkpoint
+from lightning_icl.checkpoints import load_trained
 from lightning_icl.module import ICLModule
-from lightning_icl.pruning import effective_size, heuristic_core, keep_frequency
-from lightning_icl.subnetwork import DIVERGENCES, WEIGHTINGS, SubnetworkPruning
 from lightning_icl.tasks.base import ICLDataModule, TrainStream, derive_seed
 
-
-# ---- loading a trained run ------------------------------------------------------------
-def load_trained(ckpt_path: str) -> tuple[ICLModule, ICLDataModule]:
-    """The :class:`ICLModule` of a checkpoint and its DataModule rebuilt from the saved hyperparameters.
-
-    A missing, empty, truncated, damaged or foreign file is a ``ValueError`` naming it."""
-    checkpoint = load_checkpoint(ckpt_path)
-    if "task" not in (checkpoint.get("hyper_parameters") or {}):
-        raise ValueError(f"checkpoint {ckpt_path} is not an ICLModule checkpoint (its hyperparameters hold no task)")
-    module = ICLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    return module, load_datamodule(ckpt_path, checkpoint)
-
-
-def load_datamodule(ckpt_path: str, checkpoint: dict | None = None) -> ICLDataModule:
-    """The DataModule a checkpoint was trained with, from its saved hyperparameters.
-
-    The class is the ``_class_path`` LightningCLI stores; a checkpoint from a plain
-    ``Trainer.fit`` has none, and then the package DataModule whose constructor takes the
-    saved arguments is used. Batches come as :class:`ICLBatch` whatever ``batch_format`` was.
-    """
-    ckpt = load_checkpoint(ckpt_path) if checkpoint is None else checkpoint
-    hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    if not hparams:
-        raise ValueError(f"{ckpt_path} holds no DataModule hyperparameters: was it trained with a DataModule?")
-    hparams.pop("_instantiator", None)
-    class_path = hparams.pop("_class_path", None)
-    cls = _import_datamodule(class_path) if class_path else _datamodule_taking(hparams)
-    if "batch_format" in hparams:
-        hparams["batch_format"] = "icl"
-    return cls(**hparams)
-
-
-def _import_datamodule(class_path: str) -> type[ICLDataModule]:
-    import lightning_icl
-
-    module_name, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name) if module_name else lightning_icl, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, ICLDataModule)):
-        raise ValueError(f"the checkpoint's DataModule {class_path!r} is not an ICLDataModule of this package")
-    return cls
-
-
-def _datamodule_taking(hparams: dict) -> type[ICLDataModule]:
-    import lightning_icl
-
-    candidates = [
-        cls
-        for cls in vars(lightning_icl).values()
-        if isinstance(cls, type) and issubclass(cls, ICLDataModule) and cls is not ICLDataModule
-    ]
-    fits = [cls for cls in candidates if set(hparams) <= set(inspect.signature(cls.__init__).parameters)]
-    if len(fits) != 1:
-        names = sorted(c.__name__ for c in fits)
-        raise ValueError(f"cannot tell the checkpoint's DataModule from its arguments {sorted(hparams)}: {names}")
-    return fits[0]
+from .core import summarize_runs, write_core_report
+from .module import DIVERGENCES, WEIGHTINGS, SubnetworkPruning
 
 
 def pruning_loader(data: ICLDataModule, seed: int) -> DataLoader:
@@ -215,112 +155,6 @@ def core_sweep(
             acc = ", ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items())
             bar.set_postfix_str(f"sparsity {result['sparsity']:.2f}: {acc}")
     return summarize_runs(runs, fraction=fraction, margin=margin)
-
-
-def summarize_runs(runs: Sequence[dict], fraction: float = 1.0, margin: float = 0.03) -> dict:
-    """Keep frequency, heuristic core and effective size (per split) of ``mask.json`` records."""
-    masks = [torch.tensor(r["heads"]) for r in runs]
-    frequency = keep_frequency(masks)
-    core = heuristic_core(masks, fraction)
-    full = runs[0]["full_accuracy"]
-    return {
-        "runs": list(runs),
-        "full_accuracy": full,
-        "frequency": frequency.tolist(),
-        "mlp_frequency": keep_frequency([torch.tensor(r["mlps"])[None] for r in runs])[0].tolist(),
-        "fraction": fraction,
-        "core": [[layer, head] for layer, head in core.nonzero().tolist()],
-        "margin": margin,
-        "effective_size": {split: effective_size(runs, full, margin, split) for split in full},
-    }
-
-
-def write_core_report(summary: dict, out: str) -> list[str]:
-    """``runs.csv``, ``core.md``, ``core.json`` and ``head_frequency.png`` in ``out``."""
-    os.makedirs(out, exist_ok=True)
-    runs, full = summary["runs"], summary["full_accuracy"]
-    splits = list(full)
-    columns = ["target_sparsity", "seed", "sparsity", "head_sparsity", "kept_heads", "kept_mlps", "seconds"]
-    rows = [
-        {
-            "target_sparsity": r["target_sparsity"],
-            "seed": r["seed"],
-            "sparsity": round(r["sparsity"], 4),
-            "head_sparsity": round(r["head_sparsity"], 4),
-            "kept_heads": int(sum(map(sum, r["heads"]))),
-            "kept_mlps": int(sum(r["mlps"])),
-            "seconds": round(r.get("seconds", float("nan")), 1),
-            **{f"acc_{s}": round(r["accuracy"][s], 4) for s in splits},
-        }
-        for r in runs
-    ]
-    paths = [os.path.join(out, name) for name in ("runs.csv", "core.md", "core.json", "head_frequency.png")]
-    with open(paths[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*columns, *(f"acc_{s}" for s in splits)])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(paths[1], "w") as f:
-        f.write(_markdown(summary, rows, splits))
-    with open(paths[2], "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_keep_frequency(summary, paths[3])
-    return paths
-
-
-def _markdown(summary: dict, rows: list[dict], splits: list[str]) -> str:
-    def table(header: list[str], body: list[list]) -> list[str]:
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *("| " + " | ".join(fmt(v) for v in row) + " |" for row in body),
-        ]
-
-    full = summary["full_accuracy"]
-    freq = summary["frequency"]
-    n_runs = len(summary["runs"])
-    lines = ["# Subnetworks and the heuristic core", ""]
-    lines += ["Full model accuracy:", "", *table(splits, [[full[s] for s in splits]]), ""]
-    lines += [f"## Runs ({n_runs})", ""]
-    keys = list(rows[0])
-    lines += [*table(keys, [[r[k] for k in keys] for r in rows]), ""]
-    lines += ["## Head keep frequency (fraction of subnetworks keeping each head)", ""]
-    lines += [*table(["layer", *(f"head {h}" for h in range(len(freq[0])))], [[i, *f] for i, f in enumerate(freq)])]
-    lines += ["", "MLP keep frequency per layer: " + ", ".join(f"{v:.2f}" for v in summary["mlp_frequency"]), ""]
-    core = ", ".join(f"L{layer}H{head}" for layer, head in summary["core"]) or "(none)"
-    lines += [f"## Heuristic core (heads kept by >= {summary['fraction']:.0%} of subnetworks)", "", core, ""]
-    lines += [f"## Effective size (100 - largest sparsity % within {summary['margin']} of the full model)", ""]
-    lines += [*table(splits, [[summary["effective_size"][s] for s in splits]]), ""]
-    return "\n".join(lines)
-
-
-def plot_keep_frequency(summary: dict, path: str) -> str:
-    """Heatmap of the keep frequency ``[L, H]``; core heads are outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    freq = torch.tensor(summary["frequency"])
-    n_l, n_h = freq.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.8 * n_h), 2.0 + 0.6 * n_l))
-    image = ax.imshow(freq.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for layer in range(n_l):
-        for head in range(n_h):
-            value = float(freq[layer, head])
-            ax.text(head, layer, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.5 else "white")
-    for layer, head in summary["core"]:
-        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_xticks(range(n_h))
-    ax.set_yticks(range(n_l))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"Head keep frequency over {len(summary['runs'])} subnetworks\n(heuristic core outlined)", fontsize=10)
-    fig.colorbar(image, ax=ax, label="fraction keeping the head")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ---- command lines ----------------------------------------------------------------------
