@@ -202,7 +202,12 @@ def stratified_halves(labels: Tensor) -> Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two same-sized tensors (ties broken by position)."""
+    """Spearman rank correlation of two same-sized tensors (ties broken by position).
+
+    Example:
+        >>> spearman(torch.tensor([0.1, 0.5, 0.3]), torch.tensor([1.0, 9.0, 2.0]))
+        1.0
+    """
     rank = lambda x: x.flatten().double().argsort().argsort().double()
     ra, rb = rank(a), rank(b)
     if ra.numel() < 2:

@@ -22,7 +22,13 @@ from lightning_icl.plotting import plot_keep_frequency
 
 
 def keep_frequency(masks: Sequence[Tensor]) -> Tensor:
-    """``[L, H]`` fraction of the subnetworks (masks ``[L, H]``, 1 = kept) that keep each head."""
+    """``[L, H]`` fraction of the subnetworks (masks ``[L, H]``, 1 = kept) that keep each head.
+
+    Example:
+        >>> keep_frequency([torch.tensor([[1, 0], [1, 1]]), torch.tensor([[1, 1], [0, 1]])])
+        tensor([[1.0000, 0.5000],
+                [0.5000, 1.0000]], dtype=torch.float64)
+    """
     if len(masks) == 0:
         raise ValueError("masks is empty: give at least one [L, H] mask")
     tensors = [torch.as_tensor(m, dtype=torch.float64) for m in masks]
@@ -39,7 +45,13 @@ def keep_frequency(masks: Sequence[Tensor]) -> Tensor:
 
 
 def heuristic_core(masks: Sequence[Tensor], fraction: float = 1.0) -> Tensor:
-    """``[L, H]`` bool: the heads kept by at least ``fraction`` of the subnetworks (1.0: by all)."""
+    """``[L, H]`` bool: the heads kept by at least ``fraction`` of the subnetworks (1.0: by all).
+
+    Example:
+        >>> masks = [torch.tensor([[1, 0], [1, 1]]), torch.tensor([[1, 1], [0, 1]])]
+        >>> heuristic_core(masks).nonzero().tolist()  # (layer, head) kept by every subnetwork
+        [[0, 0], [1, 1]]
+    """
     check_number("fraction", fraction, 0.0, 1.0, low_open=True)
     return keep_frequency(masks) >= fraction - 1e-9
 

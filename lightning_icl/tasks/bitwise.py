@@ -17,7 +17,7 @@ from lightning_icl.checks import check_flag, check_number, check_positive
 
 from .base import ICLDataModule, Sampler, TaskInfo, generator_for
 from .batch import ICLBatch
-from .modular import split_inputs, triples_batch
+from .modular import check_balanced, split_inputs, task_set_eval_batch, task_set_train_batch, triples_batch
 
 OPS = ("AND", "NAND", "OR", "NOR", "XOR", "XNOR", "Null")
 """Every operation; the concept label of a sequence is its operation's index in this tuple."""
@@ -98,8 +98,7 @@ class BitwiseDataModule(ICLDataModule):
             raise ValueError(f"alpha={alpha} leaves no (x1, x2) pair for training with n_bits={n_bits}")
         check_positive("num_shots", num_shots)
         check_flag("balanced", balanced)
-        if balanced and batch_size % len(ops):
-            raise ValueError(f"batch_size={batch_size} must be a multiple of len(ops)={len(ops)} when balanced=True")
+        check_balanced(batch_size, len(ops), "len(ops)", balanced)
         self.n_bits, self.num_shots, self.balanced = n_bits, num_shots, balanced
         self.save_hyperparameters()
         self.ops = torch.tensor([OPS.index(op) for op in ops], dtype=torch.long)
@@ -121,11 +120,12 @@ class BitwiseDataModule(ICLDataModule):
 
     def train_sampler(self) -> Sampler:
         return partial(
-            _train_batch,
-            ops=self.ops,
+            task_set_train_batch,
+            sample=sample_sequences,
+            tasks=self.ops,
             pairs=self.train_pairs,
             num_shots=self.num_shots,
-            n_bits=self.n_bits,
+            size=self.n_bits,
             batch_size=self.batch_size,
             balanced=self.balanced,
         )
@@ -137,47 +137,14 @@ class BitwiseDataModule(ICLDataModule):
             sources = {"all": self.train_pairs}
         return {
             name: partial(
-                _eval_batch,
+                task_set_eval_batch,
+                sample=sample_sequences,
                 name=name,
-                ops=self.ops,
+                tasks=self.ops,
                 pairs=pairs,
                 num_shots=self.num_shots,
-                n_bits=self.n_bits,
+                size=self.n_bits,
                 batch_size=self.eval_batch_size,
             )
             for name, pairs in sources.items()
         }
-
-
-def _train_batch(
-    gen: torch.Generator,
-    index: int,
-    *,
-    ops: Tensor,
-    pairs: Tensor,
-    num_shots: int,
-    n_bits: int,
-    batch_size: int,
-    balanced: bool,
-) -> ICLBatch:
-    if balanced:
-        chosen = ops.repeat_interleave(batch_size // ops.shape[0])
-    else:
-        chosen = ops[torch.randint(ops.shape[0], (batch_size,), generator=gen)]
-    return sample_sequences(chosen, pairs, num_shots, n_bits, gen, "train")
-
-
-def _eval_batch(
-    gen: torch.Generator,
-    index: int,
-    *,
-    name: str,
-    ops: Tensor,
-    pairs: Tensor,
-    num_shots: int,
-    n_bits: int,
-    batch_size: int,
-) -> ICLBatch:
-    # cycle through the ops so that every op is evaluated equally often
-    chosen = ops[(index * batch_size + torch.arange(batch_size)) % ops.shape[0]]
-    return sample_sequences(chosen, pairs, num_shots, n_bits, gen, name)

@@ -7,6 +7,7 @@ The model reads ``tokens[:-1]``, predicts ``tokens[1:]``, and is scored on z onl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -110,7 +111,16 @@ def sample_sequences(
 
 
 class ModularArithmeticDataModule(ICLDataModule):
-    """He et al. 2024 modular arithmetic ICL.
+    """He et al. 2024 modular arithmetic ICL: sequences ``x y z x y z ...`` with z = a·x + b·y mod p.
+
+    Example:
+        >>> data = ModularArithmeticDataModule(p=7, num_tasks=4, num_shots=3, batch_size=8)
+        >>> data.setup("fit")
+        >>> batch = next(iter(data.train_dataloader()))
+        >>> batch.inputs.shape, batch.mask.sum(dim=1).tolist()  # 3 shots: 8 tokens, an answer per shot
+        (torch.Size([8, 8]), [3, 3, 3, 3, 3, 3, 3, 3])
+        >>> sorted(data.task_info.eval_splits)
+        ['id_seen', 'id_unseen', 'ood_seen', 'ood_unseen']
 
     Args:
         p: the prime modulus; numbers are tokens 0..p-1.
@@ -164,8 +174,7 @@ class ModularArithmeticDataModule(ICLDataModule):
             raise ValueError(f"alpha={alpha} leaves no (x, y) pair for training with p={p}")
         check_positive("num_shots", num_shots)
         check_flag("balanced", balanced)
-        if balanced and batch_size % num_tasks:
-            raise ValueError(f"batch_size={batch_size} must be a multiple of num_tasks={num_tasks} when balanced=True")
+        check_balanced(batch_size, num_tasks, "num_tasks", balanced)
         self.p, self.num_shots, self.balanced = p, num_shots, balanced
         self.save_hyperparameters()
 
@@ -189,11 +198,12 @@ class ModularArithmeticDataModule(ICLDataModule):
 
     def train_sampler(self) -> Sampler:
         return partial(
-            _train_batch,
+            task_set_train_batch,
+            sample=sample_sequences,
             tasks=self.id_tasks,
             pairs=self.train_pairs,
             num_shots=self.num_shots,
-            p=self.p,
+            size=self.p,
             batch_size=self.batch_size,
             balanced=self.balanced,
         )
@@ -207,12 +217,13 @@ class ModularArithmeticDataModule(ICLDataModule):
         }
         return {
             name: partial(
-                _eval_batch,
+                task_set_eval_batch,
+                sample=sample_sequences,
                 name=name,
                 tasks=tasks,
                 pairs=pairs,
                 num_shots=self.num_shots,
-                p=self.p,
+                size=self.p,
                 batch_size=self.eval_batch_size,
             )
             for name, (tasks, pairs) in sources.items()
@@ -220,35 +231,45 @@ class ModularArithmeticDataModule(ICLDataModule):
         }
 
 
-def _train_batch(
+def check_balanced(batch_size: int, num_tasks: int, name: str, balanced: bool) -> None:
+    """``balanced`` batches hold every task equally often: ``batch_size`` a multiple of the task count."""
+    if balanced and batch_size % num_tasks:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of {name}={num_tasks} when balanced=True")
+
+
+def task_set_train_batch(
     gen: torch.Generator,
     index: int,
     *,
+    sample: Callable[..., ICLBatch],
     tasks: Tensor,
     pairs: Tensor,
     num_shots: int,
-    p: int,
+    size: int,
     batch_size: int,
     balanced: bool,
 ) -> ICLBatch:
+    """A training batch of a task-set family: each sequence's task drawn from ``tasks`` (every task
+    equally often when ``balanced``), its inputs from ``pairs``, laid out by ``sample``."""
     if balanced:
         chosen = tasks.repeat_interleave(batch_size // tasks.shape[0], dim=0)
     else:
         chosen = tasks[torch.randint(tasks.shape[0], (batch_size,), generator=gen)]
-    return sample_sequences(chosen, pairs, num_shots, p, gen, "train")
+    return sample(chosen, pairs, num_shots, size, gen, "train")
 
 
-def _eval_batch(
+def task_set_eval_batch(
     gen: torch.Generator,
     index: int,
     *,
+    sample: Callable[..., ICLBatch],
     name: str,
     tasks: Tensor,
     pairs: Tensor,
     num_shots: int,
-    p: int,
+    size: int,
     batch_size: int,
 ) -> ICLBatch:
-    # cycle through the task set so that every task is evaluated equally often
+    """Evaluation batch ``index`` of split ``name``: the tasks cycled so every task is evaluated equally often."""
     chosen = tasks[(index * batch_size + torch.arange(batch_size)) % tasks.shape[0]]
-    return sample_sequences(chosen, pairs, num_shots, p, gen, name)
+    return sample(chosen, pairs, num_shots, size, gen, name)
