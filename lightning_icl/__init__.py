@@ -1,5 +1,24 @@
-"""lightning_icl: study in-context learning inside transformers while they train."""
+"""lightning_icl: study in-context learning inside transformers while they train.
 
+The names here are the ones a study starts from:
+
+- modules and models: :class:`ICLModule` (trains an :class:`ICLTransformer`),
+  :class:`HFCausalLMModule` (a Hugging Face causal LM on the same tasks);
+- tasks: the DataModules, :class:`ICLBatch` and :class:`TaskInfo`;
+- what a forward keeps: :class:`CaptureSpec` and :class:`Capture`;
+- callbacks that measure during training (:class:`ICLCallback` and its subclasses);
+- adapters that let the callbacks and interventions reach any model (:func:`adapter_for`);
+- interventions after training: :func:`ablation_effects`, :func:`head_attribution`,
+  :func:`concept_patching`, :func:`function_vector_effects`;
+- pruning: :class:`SubnetworkPruning` (the core's analysis is in :mod:`lightning_icl.pruning`);
+- a trained run back from disk: :func:`load_trained`.
+
+Lower-level pieces stay in their modules: the kernel in :mod:`lightning_icl.kernels`, the
+metrics in :mod:`lightning_icl.metrics`, figures in :mod:`lightning_icl.plotting`, record files
+in :mod:`lightning_icl.records`.
+"""
+
+from lightning_icl.adapters import Adapter, HFCausalLMAdapter, HookAdapter, ICLModuleAdapter, adapter_for
 from lightning_icl.callbacks import (
     AttentionStatistics,
     CircuitOverlap,
@@ -7,13 +26,17 @@ from lightning_icl.callbacks import (
     ConceptPatching,
     HeadAblation,
     HeadAttribution,
+    ICLCallback,
     ICLCurves,
 )
 from lightning_icl.capture import Capture, CaptureSpec
+from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_trained
 from lightning_icl.hf_module import HFCausalLMModule
+from lightning_icl.interventions import ablation_effects, head_attribution
+from lightning_icl.interventions.patching import concept_patching, function_vector_effects
 from lightning_icl.models import ICLTransformer
 from lightning_icl.module import ICLModule
-from lightning_icl.pruning import HardConcrete, SubnetworkPruning, effective_size, heuristic_core, keep_frequency
+from lightning_icl.pruning import SubnetworkPruning
 from lightning_icl.tasks import (
     BitwiseDataModule,
     ICLBatch,
@@ -28,6 +51,7 @@ from lightning_icl.tasks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "AttentionStatistics",
     "BitwiseDataModule",
     "Capture",
@@ -35,22 +59,30 @@ __all__ = [
     "CircuitOverlap",
     "ConceptDecodability",
     "ConceptPatching",
+    "DivergenceError",
+    "HFCausalLMAdapter",
     "HFCausalLMModule",
-    "HardConcrete",
     "HeadAblation",
     "HeadAttribution",
+    "HookAdapter",
     "ICLBatch",
+    "ICLCallback",
     "ICLCurves",
     "ICLDataModule",
     "ICLModule",
+    "ICLModuleAdapter",
     "ICLTransformer",
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
     "MultiFamilyDataModule",
+    "SafeCheckpointIO",
     "SparseLinearRegressionDataModule",
     "SubnetworkPruning",
     "TaskInfo",
-    "effective_size",
-    "heuristic_core",
-    "keep_frequency",
+    "ablation_effects",
+    "adapter_for",
+    "concept_patching",
+    "function_vector_effects",
+    "head_attribution",
+    "load_trained",
 ]
