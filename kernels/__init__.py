@@ -11,14 +11,14 @@ from .attention import (
     capture_attention,
     check_head_dim,
 )
-from .reference import attention_reference
+from .torch_attention import capture_attention_torch
 
 __all__ = [
     "BACKENDS",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_STATS",
     "attention_probability",
-    "attention_reference",
     "capture_attention",
+    "capture_attention_torch",
     "check_head_dim",
 ]

@@ -163,9 +163,9 @@ def test_reference_padded_rows_equal_the_unpadded_sequence(kind, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_reference_without_the_fused_cpu_op(monkeypatch, causal):
     """The plain-SDPA path (other devices, older torch): the whole mask, its own normaliser."""
-    from lightning_icl.kernels import reference
+    from lightning_icl.kernels import torch_attention
 
-    monkeypatch.setattr(reference, "_cpu_flash_op", lambda: None)
+    monkeypatch.setattr(torch_attention, "_cpu_flash_op", lambda: None)
     check_definition(19, causal, "left", None, atol=1e-5, backend="torch")
     check_definition(19, causal, "random", "per_sequence", atol=1e-5, backend="torch")
 
@@ -173,9 +173,9 @@ def test_reference_without_the_fused_cpu_op(monkeypatch, causal):
 def test_reference_chunked_statistics_and_float64():
     q, k, v, _, key_class, labels = make(2, 2, 11, 8, torch.float64)
     mask = padding_mask(2, 11, "left")
-    from lightning_icl.kernels import attention_reference
+    from lightning_icl.kernels import capture_attention_torch
 
-    out, stats = attention_reference(
+    out, stats = capture_attention_torch(
         q, k, v, causal=True, stats=ALL, key_class=key_class, num_classes=C, query_label=labels,
         key_padding_mask=mask, chunk_elements=1,
     )  # fmt: skip

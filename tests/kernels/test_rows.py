@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from lightning_icl.kernels import SUPPORTED_STATS, attention_reference, capture_attention
+from lightning_icl.kernels import SUPPORTED_STATS, capture_attention, capture_attention_torch
 
 ALL = SUPPORTED_STATS
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -99,22 +99,22 @@ def test_reference_chunks_rows_when_the_score_block_is_large():
     q, k, v, kc, labels = problem(1, 2, 40, 16, "cpu")
     rows = torch.arange(1, 40, 3)
     kw = dict(stats=ALL, key_class=kc, num_classes=3, query_label=labels, positions=rows[None])
-    _, whole = attention_reference(q, k, v, **kw)
-    _, chunked = attention_reference(q, k, v, chunk_elements=2 * 40 * 3, **kw)  # 3 rows at a time
+    _, whole = capture_attention_torch(q, k, v, **kw)
+    _, chunked = capture_attention_torch(q, k, v, chunk_elements=2 * 40 * 3, **kw)  # 3 rows at a time
     for name in ALL:
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=0)
 
 
 def test_reference_without_sdpa_lse_gives_the_same_statistics(monkeypatch):
     """Where torch hands out no log-sum-exp, the pass computes its own normaliser."""
-    from lightning_icl.kernels import reference
+    from lightning_icl.kernels import torch_attention
 
     q, k, v, kc, labels = problem(2, 2, 33, 16, "cpu")
     kw = dict(stats=ALL, key_class=kc, num_classes=3, query_label=labels, positions=torch.tensor([0, 5, 32]))
-    _, with_lse = attention_reference(q, k, v, **kw)
+    _, with_lse = capture_attention_torch(q, k, v, **kw)
     plain = lambda q, k, v, causal, scale: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None)
-    monkeypatch.setattr(reference, "_sdpa_with_lse", plain)
-    _, own = attention_reference(q, k, v, **kw)
+    monkeypatch.setattr(torch_attention, "_sdpa_with_lse", plain)
+    _, own = capture_attention_torch(q, k, v, **kw)
     for name in ALL:
         torch.testing.assert_close(own[name], with_lse[name], atol=2e-6, rtol=0)
 

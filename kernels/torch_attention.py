@@ -1,4 +1,4 @@
-"""Pure-torch attention with per-head statistics: the CPU path of ``capture_attention``.
+"""Pure-torch attention with per-head statistics: the ``"torch"`` backend of ``capture_attention``, its CPU path.
 
 The output (and its backward) is PyTorch's SDPA. The statistics cost one extra no-grad
 pass over the *requested* query rows only: their fp32 scores ``[B, H, P, Tk]`` are formed
@@ -45,7 +45,7 @@ def select_rows(x: Tensor, positions: Tensor, dim: int) -> Tensor:
     return torch.gather(x, dim, positions.view(shape).expand(*sizes))
 
 
-def attention_reference(
+def capture_attention_torch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
