@@ -13,6 +13,9 @@ A key padding mask ``[B, Tk]`` becomes one ``-inf`` bias ``[B, 1, 1, Tk]``, buil
 fused CPU kernel takes it together with ``is_causal`` (and gives a query row with no allowed
 key a zero output, a zero log-sum-exp and zero gradients), and the statistics add it to their
 score block. Rows with no allowed key get every statistic 0, set explicitly.
+
+This is production code, tested like the Triton kernels (:mod:`.triton_attention`) against the
+float64 definition in :mod:`.naive`.
 """
 
 from __future__ import annotations

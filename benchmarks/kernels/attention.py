@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import write_tables
 from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+from lightning_icl.kernels.naive import masked_softmax, pattern_statistics
 
 STAT_PROVIDERS = [f"kernel+{s}" for s in SUPPORTED_STATS]
 GPU_PROVIDERS = ["kernel", *STAT_PROVIDERS, "kernel+all", "sdpa_flash", "eager+stats", "flex+lse"]
@@ -50,21 +51,15 @@ NUM_CLASSES = 3
 
 
 def eager_with_stats(q, k, v, causal, key_class, labels):
-    """Materialise [B, H, T, T] scores and probabilities and compute every statistic from them."""
-    t = q.shape[2]
+    """Materialise [B, H, T, T] scores and probabilities and compute every statistic from them, as an
+    eager model would: scores at the inputs' dtype, softmax and statistics in fp32 (the definitions of
+    :mod:`lightning_icl.kernels.naive`)."""
     s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    if causal:
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    s, p, _ = masked_softmax(s, causal=causal)
     out = (p.to(v.dtype)) @ v
     with torch.no_grad():
-        lse = torch.logsumexp(s, -1)
-        ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-        maxp = p.amax(-1)
-        onehot = F.one_hot(key_class, NUM_CLASSES).float()
-        cls = torch.einsum("bhqk,bkc->bhqc", p, onehot)
-        same = (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1)
-    return out, (lse, ent, maxp, cls, same)
+        stats = pattern_statistics(s, p, key_class=key_class, num_classes=NUM_CLASSES, query_label=labels)
+    return out, stats
 
 
 def make_flex(causal: bool, device: str):
