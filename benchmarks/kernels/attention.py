@@ -115,24 +115,25 @@ def provider_fn(name: str, causal: bool, key_class, labels) -> Callable:
     raise ValueError(f"unknown provider {name!r}; choose from {GPU_PROVIDERS + CPU_PROVIDERS}")
 
 
-def timer(device: str, warmup: int, reps: int) -> Callable[[Callable], float]:
-    """Median milliseconds of ``fn()``."""
+def time_ms(fn: Callable, device: str, reps: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, wall clock on CPU."""
     if device == "cuda":
         import triton
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
-    def measure(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - start))
-        return statistics.median(times)
 
-    return measure
+def timer(device: str, warmup: int, reps: int) -> Callable[[Callable], float]:
+    """Median milliseconds of ``fn()``, as :func:`time_ms` measures them."""
+    return lambda fn: time_ms(fn, device, reps=reps, warmup=warmup)
 
 
 def relative_error(out: torch.Tensor, q, k, v, causal: bool) -> float:
