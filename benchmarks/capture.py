@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import write_tables
-from benchmarks.kernels.attention import eager_with_stats, make_flex, relative_error
+from benchmarks.kernels.attention import eager_with_stats, make_flex, relative_error, time_ms
 from benchmarks.peers import kept_bytes, transformerlens_available, transformerlens_capture, transformerlens_model
 from lightning_icl import CaptureSpec, ICLModule, ICLTransformer
 from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
@@ -80,22 +80,6 @@ def answer_rows(t: int, first: int, stride: int, device) -> torch.Tensor:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable, device: str, reps: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, wall clock on CPU."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def interleaved_ms(fns: dict[str, Callable], device: str, reps: int, warmup: int) -> dict[str, float]:

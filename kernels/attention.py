@@ -10,10 +10,10 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
-from .reference import attention_reference, select_rows
+from .torch_attention import capture_attention_torch, select_rows
 
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
-"""Head dimensions the fused kernel is built for; the reference accepts any."""
+"""Head dimensions the fused kernel is built for; the torch backend accepts any."""
 
 SUPPORTED_STATS: tuple[str, ...] = ("lse", "entropy", "max_prob", "class_mass", "same_label_mass")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -203,9 +203,10 @@ def capture_attention(
             output row, zero gradients and every statistic 0: ``lse``, ``entropy``, ``max_prob``,
             ``same_label_mass`` and each ``class_mass`` entry (never NaN).
         backend: ``"auto"`` (the fused Triton kernel on CUDA tensors when Triton is
-            installed and the head dim is supported, else the reference),
-            ``"torch"`` (the reference) or ``"triton"`` (the kernel; on CPU tensors it
-            needs ``TRITON_INTERPRET=1`` set before the first launch).
+            installed and the head dim is supported, else the torch backend),
+            ``"torch"`` (:func:`.capture_attention_torch`: SDPA and one statistics pass) or
+            ``"triton"`` (the kernel; on CPU tensors it needs ``TRITON_INTERPRET=1`` set before
+            the first launch).
         fp32_precision: ``"tf32"`` (default) or ``"ieee"`` for the kernel's fp32 dots on GPU.
         validate: check the *values*: q, k and v finite (no NaN or inf), ``key_class`` and
             ``positions`` in range. That reads them back from the device: one host synchronisation
@@ -235,7 +236,7 @@ def capture_attention(
             q, k, v, causal, scale, stats, key_class, num_classes, query_label, positions, key_padding_mask,
             fp32_precision,
         )  # fmt: skip
-    return attention_reference(
+    return capture_attention_torch(
         q,
         k,
         v,
@@ -305,14 +306,14 @@ def _triton_attention(
     key_padding_mask: Tensor | None,
     fp32_precision: str,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    from . import ops
+    from . import custom_ops
 
     rows = None
     heavy = {"entropy", "class_mass", "same_label_mass"} & set(stats)  # lse and max_prob cost nothing extra
     if positions is not None and heavy:  # which query rows the statistics are wanted for, as a [B, T] flag
         rows = torch.zeros(q.shape[0], q.shape[2], dtype=torch.int8, device=q.device)
         rows.scatter_(1, positions, 1)
-    out, lse2, ent, maxp, cls, same = ops.capture_attention_fwd(
+    out, lse2, ent, maxp, cls, same = custom_ops.capture_attention_fwd(
         q, k, v,
         key_class if "class_mass" in stats else None,
         query_label if "same_label_mass" in stats else None,

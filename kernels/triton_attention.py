@@ -137,6 +137,71 @@ _BWD_KEY = ["T_KEY", "HEAD_DIM", "CAUSAL", "DOT_PRECISION", "HAS_MASK"]
 
 
 @triton.jit
+def _query_block(H, CAUSAL: tl.constexpr):
+    """``(bh, b, h, pid_m)`` of a program over (batch * head, query block): 64-bit ``bh``, since
+    B*H*T*Dh may pass 2^31; when causal the query blocks run backwards, the longest rows first, for
+    load balance."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    return bh, bh // H, bh % H, pid_m
+
+
+@triton.jit
+def _load_rows(base, rows, st, sd, row_ok, HEAD_DIM: tl.constexpr):
+    """``[len(rows), HEAD_DIM]``: rows ``rows`` of the ``[T, Dh]`` head at ``base`` (0 where not ``row_ok``)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(base + rows[:, None] * st + offs_d[None, :] * sd, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _keys_allowed(km_base, cols, smt, T):
+    """The key padding mask at key positions ``cols`` as bools (False past ``T``)."""
+    return tl.load(km_base + cols * smt, mask=cols < T, other=0) != 0
+
+
+@triton.jit
+def _in_range_and_causal(cols, offs_m, T, CAUSAL: tl.constexpr):
+    """``[BM, BN]`` bools: key ``cols`` lies inside the sequence and, when causal, not after query ``offs_m``."""
+    valid = (cols < T)[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= offs_m[:, None])
+    return valid
+
+
+@triton.jit
+def _key_range(pid_m, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(full_hi, hi)`` for query block ``pid_m``: key blocks in ``[0, full_hi)`` need no mask (inside
+    the sequence and, when causal, ending before the block's first row); those in ``[full_hi, hi)`` do."""
+    if CAUSAL:
+        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    else:
+        full_hi = T // BLOCK_N * BLOCK_N
+        hi = T
+    return full_hi, hi
+
+
+@triton.jit
+def _class_sums(p, kc, NUM_CLASSES: tl.constexpr, CLS_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``[BM, CLS_PAD]``: the row sums of ``p`` over the keys of each class but the last (whose mass is
+    what the others leave of the row), 0 in the other columns; ``kc`` the key classes ``[BN]``."""
+    cls_cols = tl.arange(0, CLS_PAD)
+    sums = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
+    for c in tl.static_range(NUM_CLASSES - 1):
+        mass = tl.sum(tl.where((kc == c)[None, :], p, 0.0), 1)
+        sums = tl.where(cls_cols[None, :] == c, mass[:, None], sums)
+    return sums
+
+
+@triton.jit
+def _same_label_sum(p, q_label, k_label):
+    """Row sums of ``p`` over the keys whose label equals the query's."""
+    return tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
+
+
+@triton.jit
 def _fwd_tile_loop(
     q, q_label, k_base, v_base, kc_base, lab_base, km_base,
     skt, skd, svt, svd, sct, slt, smt,
@@ -182,13 +247,9 @@ def _fwd_tile_loop(
                 v = tl.load(v_ptrs, mask=(cols < T)[:, None], other=0.0)
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, BN]
             if phase == 1:
-                valid = (cols < T)[None, :]
-                if CAUSAL:
-                    valid = valid & (cols[None, :] <= offs_m[:, None])
-                s = tl.where(valid, s, -1.0e30)
+                s = tl.where(_in_range_and_causal(cols, offs_m, T, CAUSAL), s, -1.0e30)
             if HAS_MASK:
-                key_ok = tl.load(km_base + cols * smt, mask=cols < T, other=0) != 0
-                s = tl.where(key_ok[None, :], s, -1.0e30)
+                s = tl.where(_keys_allowed(km_base, cols, smt, T)[None, :], s, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -203,14 +264,10 @@ def _fwd_tile_loop(
                     onehot = (kc[:, None] == cls_cols[None, :]).to(v.dtype)  # [BN, C]
                     cls_acc = tl.dot(p_in, onehot, cls_acc * alpha[:, None], input_precision=DOT_PRECISION)
                 else:  # few classes: a masked row sum per class but the last (the rest of l)
-                    upd = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
-                    for c in tl.static_range(NUM_CLASSES - 1):
-                        mass = tl.sum(tl.where((kc == c)[None, :], p, 0.0), 1)
-                        upd = tl.where(cls_cols[None, :] == c, mass[:, None], upd)
-                    cls_acc = cls_acc * alpha[:, None] + upd
+                    cls_acc = cls_acc * alpha[:, None] + _class_sums(p, kc, NUM_CLASSES, CLS_PAD, BLOCK_M)
             if WANT_SAME:
                 k_label = tl.load(lab_base + cols * slt, mask=cols < T, other=-2)
-                same_acc = same_acc * alpha + tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
+                same_acc = same_acc * alpha + _same_label_sum(p, q_label, k_label)
             m_i = m_new
     return m_i, l_i, acc, t_i, cls_acc, same_acc
 
@@ -248,17 +305,32 @@ def _store_stats(
     if WANT_MAXP:  # the row max has weight exp2(0) = 1
         tl.store(MAXP + stat_off, inv_l, mask=row_ok)
     if WANT_CLS:
-        c = tl.arange(0, CLS_PAD)
-        mass = cls_acc * inv_l[:, None]
-        if not CLS_DOT:  # the last class holds what the others leave of the row
-            rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
-            if HAS_MASK:
-                rest = tl.where(_live_rows(m_i), rest, 0.0)
-            mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
-        cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
-        tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
+        _store_class_mass(CLS, stat_off, row_ok, cls_acc, inv_l, m_i, CLS_DOT, NUM_CLASSES, CLS_PAD, HAS_MASK)
     if WANT_SAME:
         tl.store(SAME + stat_off, same_acc * inv_l, mask=row_ok)
+
+
+@triton.jit
+def _store_class_mass(
+    CLS, stat_off, row_ok, cls_acc, inv_l, m_i,
+    CLS_DOT: tl.constexpr,
+    NUM_CLASSES: tl.constexpr,
+    CLS_PAD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """Write the class mass ``[BM, NUM_CLASSES]`` of one query tile from its unnormalised class sums.
+
+    Without ``CLS_DOT`` the sums leave out the last class, which gets what the others leave of the
+    row (0 in a row that allows no key, whose running max ``m_i`` is -1e30)."""
+    c = tl.arange(0, CLS_PAD)
+    mass = cls_acc * inv_l[:, None]
+    if not CLS_DOT:  # the last class holds what the others leave of the row
+        rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
+        if HAS_MASK:
+            rest = tl.where(_live_rows(m_i), rest, 0.0)
+        mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
+    cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
+    tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
 
 
 @triton.autotune(configs=_configs(FWD_CONFIGS), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -290,17 +362,12 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*Dh may pass 2^31
-    pid_m = tl.program_id(1)
-    if CAUSAL:  # the longest rows first, for load balance
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    b = bh // H
-    h = bh % H
+    bh, b, h, pid_m = _query_block(H, CAUSAL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, sqd, row_ok, HEAD_DIM)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     kc_base = KEY_CLASS + b * scb
@@ -310,35 +377,25 @@ def _fwd_kernel(
     if WANT_SAME:
         q_label = tl.load(lab_base + offs_m * slt, mask=row_ok, other=-1)
 
-    if CAUSAL:  # key blocks ending before this query block's first row need no mask
-        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    else:
-        full_hi = T // BLOCK_N * BLOCK_N
-        hi = T
-    # fmt: off
+    full_hi, hi = _key_range(pid_m, T, CAUSAL, BLOCK_M, BLOCK_N)
+    tile_wanted = False  # the extra accumulators: with statistics, in query tiles that hold a requested row
     if WANT_ENT or WANT_CLS or WANT_SAME:
         tile_wanted = True
-        if HAS_ROWS:  # the extra accumulators only in query tiles that hold a requested row
+        if HAS_ROWS:
             flags = tl.load(ROWS + b * srb + offs_m * srt, mask=row_ok, other=0)
             tile_wanted = tl.max(flags.to(tl.int32), 0) > 0
-        if tile_wanted:
-            m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
-                q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
-                full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_CLS, CLS_DOT, NUM_CLASSES,
-                CLS_PAD, WANT_SAME, HAS_MASK, BLOCK_M, BLOCK_N,
-            )
-        else:  # the plain loop
-            m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
-                q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
-                full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES,
-                CLS_PAD, False, HAS_MASK, BLOCK_M, BLOCK_N,
-            )
-    else:
+    # fmt: off
+    if tile_wanted:
         m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
             q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
-            full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES, CLS_PAD,
-            False, HAS_MASK, BLOCK_M, BLOCK_N,
+            full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, WANT_ENT, WANT_CLS, CLS_DOT, NUM_CLASSES,
+            CLS_PAD, WANT_SAME, HAS_MASK, BLOCK_M, BLOCK_N,
+        )
+    else:  # the plain loop
+        m_i, l_i, acc, t_i, cls_acc, same_acc = _fwd_tile_loop(
+            q, q_label, k_base, v_base, kc_base, lab_base, km_base, skt, skd, svt, svd, sct, slt, smt, offs_m, T,
+            full_hi, hi, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False, CLS_DOT, NUM_CLASSES,
+            CLS_PAD, False, HAS_MASK, BLOCK_M, BLOCK_N,
         )
     # fmt: on
 
@@ -352,6 +409,90 @@ def _fwd_kernel(
         LSE2, ENT, MAXP, CLS, SAME, stat_off, row_ok, m_i, l_i, t_i, cls_acc, same_acc,
         WANT_ENT, WANT_MAXP, WANT_CLS, CLS_DOT, NUM_CLASSES, CLS_PAD, WANT_SAME, HAS_MASK,
     )  # fmt: skip
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+    sqt, sqd, sdt, sdd,
+    offs_n, lo, hi, T, scale_log2,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Accumulate one key block's dk and dv over the query blocks starting in ``[lo, hi)``.
+
+    ``MASK_ROWS``: the blocks may run past ``T`` (their padded rows load q = do = 0 and add nothing);
+    ``DIAGONAL``: they straddle the diagonal, so a causal p is masked."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[None, :] * sqt + offs_d[:, None] * sqd  # [D, BM]
+        do_ptrs = do_base + offs_m[:, None] * sdt + offs_d[None, :] * sdd
+        if MASK_ROWS:
+            row_ok = offs_m < T
+            q_t = tl.load(q_ptrs, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(lse2_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q_t = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse2 = tl.load(lse2_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale_log2  # [BN, BM]
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if CAUSAL and DIAGONAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, km_base,
+    skt, skd, svt, svd, smt,
+    offs_m, lo, hi, T, scale_log2,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Accumulate one query block's dq over the key blocks starting in ``[lo, hi)``.
+
+    ``MASKED``: the blocks may run past ``T`` or, when causal, cross the diagonal. With ``HAS_MASK``
+    padded keys get p = 0 (so does every key of a row that allows none, whatever its ``lse2``)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        k_ptrs = k_base + cols[:, None] * skt + offs_d[None, :] * skd  # [BN, D]
+        v_ptrs = v_base + cols[None, :] * svt + offs_d[:, None] * svd  # [D, BN]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols < T)[:, None], other=0.0)
+            v_t = tl.load(v_ptrs, mask=(cols < T)[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v_t = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(_in_range_and_causal(cols, offs_m, T, CAUSAL), p, 0.0)
+        if HAS_MASK:
+            p = tl.where(_keys_allowed(km_base, cols, smt, T)[None, :], p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.autotune(configs=_configs(DKDV_CONFIGS), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
@@ -377,11 +518,10 @@ def _bwd_dkdv_kernel(
     b = bh // H
     h = bh % H
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < T
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K + b * skb + h * skh, offs_n, skt, skd, col_ok, HEAD_DIM)
+    v = _load_rows(V + b * svb + h * svh, offs_n, svt, svd, col_ok, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     q_base = Q + b * sqb + h * sqh
@@ -402,32 +542,13 @@ def _bwd_dkdv_kernel(
     for phase in tl.static_range(3):
         lo_p = lo if phase == 0 else (mid if phase == 1 else tail)
         hi_p = mid if phase == 0 else (full_end if phase == 1 else T)
-        for start_m in range(lo_p, hi_p, BLOCK_M):
-            offs_m = start_m + offs_m0
-            q_ptrs = q_base + offs_m[None, :] * sqt + offs_d[:, None] * sqd  # [D, BM]
-            do_ptrs = do_base + offs_m[:, None] * sdt + offs_d[None, :] * sdd
-            if phase == 1:
-                q_t = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-                lse2 = tl.load(LSE2 + stat_base + offs_m)
-                delta = tl.load(DELTA + stat_base + offs_m)
-            else:
-                row_ok = offs_m < T
-                q_t = tl.load(q_ptrs, mask=row_ok[None, :], other=0.0)
-                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-                lse2 = tl.load(LSE2 + stat_base + offs_m, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale_log2  # [BN, BM]
-            p_t = tl.exp2(s_t - lse2[None, :])
-            if CAUSAL and phase == 0:
-                p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, LSE2 + stat_base, DELTA + stat_base, sqt, sqd, sdt, sdd,
+            offs_n, lo_p, hi_p, T, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, phase != 1, phase == 0, BLOCK_M,
+        )  # fmt: skip
     dk = dk * sm_scale
     if HAS_MASK:  # a padded key's row of p is 0 for every query, so its dk and dv are 0
-        key_ok = tl.load(KEY_MASK + b * smb + offs_n * smt, mask=col_ok, other=0) != 0
+        key_ok = _keys_allowed(KEY_MASK + b * smb, offs_n, smt, T)
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
     out_off = bh * T * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]  # dk, dv contiguous
@@ -453,58 +574,25 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    if CAUSAL:
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    b = bh // H
-    h = bh % H
+    bh, b, h, pid_m = _query_block(H, CAUSAL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    do = tl.load(
-        DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0
-    )
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, sqd, row_ok, HEAD_DIM)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_m, sdt, sdd, row_ok, HEAD_DIM)
     lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-
-    if CAUSAL:
-        full_hi = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    else:
-        full_hi = T // BLOCK_N * BLOCK_N
-        hi = T
+    full_hi, hi = _key_range(pid_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     for phase in tl.static_range(2):
         lo_p = 0 if phase == 0 else full_hi
         hi_p = full_hi if phase == 0 else hi
-        for start_n in range(lo_p, hi_p, BLOCK_N):
-            cols = start_n + offs_n0
-            k_ptrs = k_base + cols[:, None] * skt + offs_d[None, :] * skd  # [BN, D]
-            v_ptrs = v_base + cols[None, :] * svt + offs_d[:, None] * svd  # [D, BN]
-            if phase == 0:
-                k = tl.load(k_ptrs)
-                v_t = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=(cols < T)[:, None], other=0.0)
-                v_t = tl.load(v_ptrs, mask=(cols < T)[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            p = tl.exp2(s - lse2[:, None])
-            if phase == 1:
-                valid = (cols < T)[None, :]
-                if CAUSAL:
-                    valid = valid & (cols[None, :] <= offs_m[:, None])
-                p = tl.where(valid, p, 0.0)
-            if HAS_MASK:  # padded keys (and so every key of a row that allows none: its lse2 is 0) get p = 0
-                key_ok = tl.load(KEY_MASK + b * smb + cols * smt, mask=cols < T, other=0) != 0
-                p = tl.where(key_ok[None, :], p, 0.0)
-            dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, KEY_MASK + b * smb, skt, skd, svt, svd, smt,
+            offs_m, lo_p, hi_p, T, scale_log2, HEAD_DIM, CAUSAL, DOT_PRECISION, HAS_MASK, phase == 1, BLOCK_N,
+        )  # fmt: skip
     dq = dq * sm_scale
     out_off = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -618,14 +706,12 @@ def _short_fwd_tile(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     col_ok = cols < T
-    q = tl.load(Q + q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + q_base, offs_m, sqt, sqd, row_ok, HEAD_DIM)
     k_t = tl.load(K + k_base + cols[None, :] * skt + offs_d[:, None] * skd, mask=col_ok[None, :], other=0.0)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2  # base-2 scores [BM, KEYS]
-    valid = col_ok[None, :]
-    if CAUSAL:
-        valid = valid & (cols[None, :] <= offs_m[:, None])
+    valid = _in_range_and_causal(cols, offs_m, T, CAUSAL)
     if HAS_MASK:
-        valid = valid & (tl.load(KEY_MASK + km_base + cols * smt, mask=col_ok, other=0) != 0)[None, :]
+        valid = valid & _keys_allowed(KEY_MASK + km_base, cols, smt, T)[None, :]
     s = tl.where(valid, s, -1.0e30)
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
@@ -652,27 +738,17 @@ def _short_fwd_tile(
                 tl.store(ENT + stat_off, 0.6931471805599453 * (lse2 - t_i * inv_l), mask=row_ok)
             if WANT_CLS:
                 kc = tl.load(KEY_CLASS + kc_base + cols * sct, mask=col_ok, other=-1)
-                c = tl.arange(0, CLS_PAD)
                 if CLS_DOT:
-                    onehot = (kc[:, None] == c[None, :]).to(V.dtype.element_ty)
-                    mass = tl.dot(p.to(V.dtype.element_ty), onehot, input_precision=DOT_PRECISION) * inv_l[:, None]
+                    onehot = (kc[:, None] == tl.arange(0, CLS_PAD)[None, :]).to(V.dtype.element_ty)
+                    cls_sum = tl.dot(p.to(V.dtype.element_ty), onehot, input_precision=DOT_PRECISION)
                 else:
-                    mass = tl.zeros([BLOCK_M, CLS_PAD], dtype=tl.float32)
-                    for cl in tl.static_range(NUM_CLASSES - 1):
-                        part = tl.sum(tl.where((kc == cl)[None, :], p, 0.0), 1) * inv_l
-                        mass = tl.where(c[None, :] == cl, part[:, None], mass)
-                    rest = tl.maximum(1.0 - tl.sum(mass, 1), 0.0)
-                    if HAS_MASK:
-                        rest = tl.where(live, rest, 0.0)
-                    mass = tl.where(c[None, :] == NUM_CLASSES - 1, rest[:, None], mass)
-                cls_ptrs = CLS + stat_off[:, None] * NUM_CLASSES + c[None, :]
-                tl.store(cls_ptrs, mass, mask=row_ok[:, None] & (c[None, :] < NUM_CLASSES))
+                    cls_sum = _class_sums(p, kc, NUM_CLASSES, CLS_PAD, BLOCK_M)
+                _store_class_mass(CLS, stat_off, row_ok, cls_sum, inv_l, m, CLS_DOT, NUM_CLASSES, CLS_PAD, HAS_MASK)
             if WANT_SAME:
                 q_label = tl.load(LABEL + lab_base + offs_m * slt, mask=row_ok, other=-1)
                 k_label = tl.load(LABEL + lab_base + cols * slt, mask=col_ok, other=-2)
-                same = tl.sum(tl.where(q_label[:, None] == k_label[None, :], p, 0.0), 1)
-                tl.store(SAME + stat_off, same * inv_l, mask=row_ok)
-    v = tl.load(V + v_base + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+                tl.store(SAME + stat_off, _same_label_sum(p, q_label, k_label) * inv_l, mask=row_ok)
+    v = _load_rows(V + v_base, cols, svt, svd, col_ok, HEAD_DIM)
     acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     out = acc * inv_l[:, None]
     tl.store(OUT + o_base + offs_m[:, None] * sot + offs_d[None, :] * sod, out.to(OUT.dtype.element_ty),
@@ -765,25 +841,20 @@ def _short_bwd_kernel(
         if bh < BH:
             b = bh // H
             h = bh % H
-            k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :] * skd, mask=col_ok[:, None],
-                        other=0.0)  # fmt: skip
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + offs_d[None, :] * svd, mask=col_ok[:, None],
-                        other=0.0)  # fmt: skip
+            k = _load_rows(K + b * skb + h * skh, cols, skt, skd, col_ok, HEAD_DIM)
+            v = _load_rows(V + b * svb + h * svh, cols, svt, svd, col_ok, HEAD_DIM)
             dk = tl.zeros([T_PAD, HEAD_DIM], dtype=tl.float32)
             dv = tl.zeros([T_PAD, HEAD_DIM], dtype=tl.float32)
             key_ok = col_ok
             if HAS_MASK:  # padded keys (so every key of a row that allows none: its lse2 is 0) get p = 0
-                key_ok = col_ok & (tl.load(KEY_MASK + b * smb + cols * smt, mask=col_ok, other=0) != 0)
+                key_ok = col_ok & _keys_allowed(KEY_MASK + b * smb, cols, smt, T)
             for j in tl.static_range(T_PAD // BLOCK_M):
                 if j * BLOCK_M < T:
                     offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
                     row_ok = offs_m < T
-                    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                                mask=row_ok[:, None], other=0.0)  # fmt: skip
-                    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd,
-                                 mask=row_ok[:, None], other=0.0)  # fmt: skip
-                    o = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod,
-                                mask=row_ok[:, None], other=0.0)  # fmt: skip
+                    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, sqd, row_ok, HEAD_DIM)
+                    do = _load_rows(DO + b * sdb + h * sdh, offs_m, sdt, sdd, row_ok, HEAD_DIM)
+                    o = _load_rows(OUT + b * sob + h * soh, offs_m, sot, sod, row_ok, HEAD_DIM)
                     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
                     lse2 = tl.load(LSE2 + bh * T + offs_m, mask=row_ok, other=0.0)
                     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BM, T_PAD]

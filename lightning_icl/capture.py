@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_icl.checks import check_flag, index_list, is_integer
 from lightning_icl.kernels import SUPPORTED_STATS
-from lightning_icl.kernels.reference import select_rows
+from lightning_icl.kernels.torch_attention import select_rows
 
 POSITION_MODES = ("all", "last")
 

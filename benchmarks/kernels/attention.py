@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import write_tables
 from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+from lightning_icl.kernels.naive import masked_softmax, pattern_statistics
 
 STAT_PROVIDERS = [f"kernel+{s}" for s in SUPPORTED_STATS]
 GPU_PROVIDERS = ["kernel", *STAT_PROVIDERS, "kernel+all", "sdpa_flash", "eager+stats", "flex+lse"]
@@ -50,21 +51,15 @@ NUM_CLASSES = 3
 
 
 def eager_with_stats(q, k, v, causal, key_class, labels):
-    """Materialise [B, H, T, T] scores and probabilities and compute every statistic from them."""
-    t = q.shape[2]
+    """Materialise [B, H, T, T] scores and probabilities and compute every statistic from them, as an
+    eager model would: scores at the inputs' dtype, softmax and statistics in fp32 (the definitions of
+    :mod:`lightning_icl.kernels.naive`)."""
     s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    if causal:
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    s, p, _ = masked_softmax(s, causal=causal)
     out = (p.to(v.dtype)) @ v
     with torch.no_grad():
-        lse = torch.logsumexp(s, -1)
-        ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-        maxp = p.amax(-1)
-        onehot = F.one_hot(key_class, NUM_CLASSES).float()
-        cls = torch.einsum("bhqk,bkc->bhqc", p, onehot)
-        same = (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1)
-    return out, (lse, ent, maxp, cls, same)
+        stats = pattern_statistics(s, p, key_class=key_class, num_classes=NUM_CLASSES, query_label=labels)
+    return out, stats
 
 
 def make_flex(causal: bool, device: str):
@@ -120,24 +115,25 @@ def provider_fn(name: str, causal: bool, key_class, labels) -> Callable:
     raise ValueError(f"unknown provider {name!r}; choose from {GPU_PROVIDERS + CPU_PROVIDERS}")
 
 
-def timer(device: str, warmup: int, reps: int) -> Callable[[Callable], float]:
-    """Median milliseconds of ``fn()``."""
+def time_ms(fn: Callable, device: str, reps: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, wall clock on CPU."""
     if device == "cuda":
         import triton
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
-    def measure(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - start))
-        return statistics.median(times)
 
-    return measure
+def timer(device: str, warmup: int, reps: int) -> Callable[[Callable], float]:
+    """Median milliseconds of ``fn()``, as :func:`time_ms` measures them."""
+    return lambda fn: time_ms(fn, device, reps=reps, warmup=warmup)
 
 
 def relative_error(out: torch.Tensor, q, k, v, causal: bool) -> float:

@@ -1,48 +1,23 @@
 """``key_padding_mask``: padded batches against the unpadded sequences and a float64 definition.
 
-The reference path runs everywhere; the kernel tier runs the Triton kernels on CPU tensors in
+The torch backend runs everywhere; the kernel tier runs the Triton kernels on CPU tensors in
 Triton's interpreter (``TRITON_INTERPRET=1``, fp32 and fp16, tiny shapes).
 """
 
-import math
 import os
 
 import pytest
 import torch
+from graph_checks import assert_compiles_as_one_graph
 
 from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+from lightning_icl.kernels.naive import naive_attention
+from lightning_icl.kernels.torch_attention import capture_attention_torch
 
 ALL = SUPPORTED_STATS
 C = 3
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="kernel tier: CPU tensors need TRITON_INTERPRET=1")
-
-
-def definition(q, k, v, causal, mask, key_class, labels, c=C):
-    """Masked attention and its statistics by definition in float64 (differentiable in q, k, v).
-
-    A row with no allowed key: zero output, every statistic 0.
-    """
-    t_q, t_k = q.shape[2], k.shape[2]
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    allowed = torch.ones(q.shape[0], 1, t_q, t_k, dtype=torch.bool)
-    if mask is not None:
-        allowed = allowed & mask[:, None, None, :]
-    if causal:
-        allowed = allowed & torch.ones(t_q, t_k, dtype=torch.bool).tril()
-    live = allowed.any(-1)  # [B, 1, Tq]
-    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~live[..., None], 0.0)
-    p = torch.softmax(s, dim=-1) * live[..., None]
-    logp = torch.log_softmax(s, dim=-1)
-    live_f = live.to(s.dtype)
-    stats = {
-        "lse": torch.logsumexp(s, -1) * live_f,
-        "max_prob": p.amax(-1),
-        "entropy": -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1),
-        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(c)], -1),
-        "same_label_mass": (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1),
-    }
-    return p @ v, {name: x.detach() for name, x in stats.items()}
 
 
 def make(b, h, t, d, dtype=torch.float32, seed=0, c=C):
@@ -79,7 +54,9 @@ def run(q, k, v, grad, causal, mask, key_class, labels, positions=None, c=C, **k
 
 def expected(q, k, v, grad, causal, mask, key_class, labels, c=C):
     q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out, stats = definition(q, k, v, causal, mask, key_class, labels, c)
+    out, stats = naive_attention(
+        q, k, v, causal=causal, key_class=key_class, num_classes=c, query_label=labels, key_padding_mask=mask
+    )
     (out * grad.double()).sum().backward()
     return out.detach(), stats, (q.grad, k.grad, v.grad)
 
@@ -144,7 +121,7 @@ def check_against_unpadded(t, causal, kind, atol, dtype=torch.float32, **kwargs)
             assert (g[i][:, ~keep] == 0).all()
 
 
-# ---- the reference path ----------------------------------------------------------------------
+# ---- the torch backend ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["left", "right", "random"])
@@ -163,9 +140,9 @@ def test_reference_padded_rows_equal_the_unpadded_sequence(kind, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_reference_without_the_fused_cpu_op(monkeypatch, causal):
     """The plain-SDPA path (other devices, older torch): the whole mask, its own normaliser."""
-    from lightning_icl.kernels import reference
+    from lightning_icl.kernels import torch_attention
 
-    monkeypatch.setattr(reference, "_cpu_flash_op", lambda: None)
+    monkeypatch.setattr(torch_attention, "_cpu_flash_op", lambda: None)
     check_definition(19, causal, "left", None, atol=1e-5, backend="torch")
     check_definition(19, causal, "random", "per_sequence", atol=1e-5, backend="torch")
 
@@ -173,13 +150,13 @@ def test_reference_without_the_fused_cpu_op(monkeypatch, causal):
 def test_reference_chunked_statistics_and_float64():
     q, k, v, _, key_class, labels = make(2, 2, 11, 8, torch.float64)
     mask = padding_mask(2, 11, "left")
-    from lightning_icl.kernels import attention_reference
-
-    out, stats = attention_reference(
+    out, stats = capture_attention_torch(
         q, k, v, causal=True, stats=ALL, key_class=key_class, num_classes=C, query_label=labels,
         key_padding_mask=mask, chunk_elements=1,
     )  # fmt: skip
-    r_out, r_stats = definition(q, k, v, True, mask, key_class, labels)
+    r_out, r_stats = naive_attention(
+        q, k, v, causal=True, key_class=key_class, num_classes=C, query_label=labels, key_padding_mask=mask
+    )
     torch.testing.assert_close(out, r_out, atol=1e-12, rtol=0)
     for name in ALL:
         torch.testing.assert_close(stats[name].double(), r_stats[name], atol=1e-6, rtol=0, msg=name)
@@ -305,12 +282,4 @@ def test_compiles_without_graph_breaks_with_a_mask(backend):
                                        key_padding_mask=mask, backend=backend, fp32_precision="ieee")  # fmt: skip
         return (out * grad).sum() + 0 * stats["entropy"].sum(), stats["class_mass"]
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss_c, mass_c = compiled(q, k, v)
-    grads_c = torch.autograd.grad(loss_c, (q, k, v))
-    loss_e, mass_e = f(q, k, v)
-    grads_e = torch.autograd.grad(loss_e, (q, k, v))
-    torch.testing.assert_close(loss_c, loss_e)
-    torch.testing.assert_close(mass_c, mass_e)
-    for a, b in zip(grads_c, grads_e, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiles_as_one_graph(f, q, k, v)

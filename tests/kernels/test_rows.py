@@ -1,17 +1,18 @@
 """Statistics at requested query rows, the short-sequence kernels and the few-class mass path.
 
-Every path is checked against float64 maths by definition: the reference (CPU path) always,
+Every path is checked against float64 maths by definition: the torch backend (CPU path) always,
 the Triton kernels under the interpreter (``TRITON_INTERPRET=1``) or on CUDA. Requested-rows
 statistics must equal the all-rows statistics gathered at those rows.
 """
 
-import math
 import os
 
 import pytest
 import torch
 
-from lightning_icl.kernels import SUPPORTED_STATS, attention_reference, capture_attention
+from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+from lightning_icl.kernels.naive import naive_attention
+from lightning_icl.kernels.torch_attention import capture_attention_torch
 
 ALL = SUPPORTED_STATS
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -23,24 +24,6 @@ def kernel_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     pytest.skip("the kernel needs the interpreter or CUDA")
-
-
-def by_definition(q, k, causal, key_class, num_classes, labels):
-    """Every statistic of every row from the materialised float64 pattern."""
-    q, k = q.double(), k.double()
-    t_q, t_k = q.shape[2], k.shape[2]
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        s = s.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.softmax(s, -1)
-    logp = torch.log_softmax(s, -1)
-    return {
-        "lse": torch.logsumexp(s, -1),
-        "max_prob": p.amax(-1),
-        "entropy": -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1),
-        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(num_classes)], -1),
-        "same_label_mass": (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1),
-    }
 
 
 def gather(stats: dict, positions: torch.Tensor) -> dict:
@@ -88,7 +71,7 @@ def test_reference_rows_equal_all_rows_gathered(causal, t):
     q, k, v, kc, labels = problem(b, h, t, d, "cpu")
     kw = dict(causal=causal, stats=ALL, key_class=kc, num_classes=c, query_label=labels, backend="torch")
     out_all, full = capture_attention(q, k, v, **kw)
-    exact = by_definition(q, k, causal, kc, c, labels)
+    _, exact = naive_attention(q, k, v, causal=causal, key_class=kc, num_classes=c, query_label=labels)
     for rows in row_sets(b, t).values():
         out, got = capture_attention(q, k, v, positions=rows, **kw)
         torch.testing.assert_close(out, out_all, atol=0, rtol=0)  # the output covers every row regardless
@@ -99,22 +82,22 @@ def test_reference_chunks_rows_when_the_score_block_is_large():
     q, k, v, kc, labels = problem(1, 2, 40, 16, "cpu")
     rows = torch.arange(1, 40, 3)
     kw = dict(stats=ALL, key_class=kc, num_classes=3, query_label=labels, positions=rows[None])
-    _, whole = attention_reference(q, k, v, **kw)
-    _, chunked = attention_reference(q, k, v, chunk_elements=2 * 40 * 3, **kw)  # 3 rows at a time
+    _, whole = capture_attention_torch(q, k, v, **kw)
+    _, chunked = capture_attention_torch(q, k, v, chunk_elements=2 * 40 * 3, **kw)  # 3 rows at a time
     for name in ALL:
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=0)
 
 
 def test_reference_without_sdpa_lse_gives_the_same_statistics(monkeypatch):
     """Where torch hands out no log-sum-exp, the pass computes its own normaliser."""
-    from lightning_icl.kernels import reference
+    from lightning_icl.kernels import torch_attention
 
     q, k, v, kc, labels = problem(2, 2, 33, 16, "cpu")
     kw = dict(stats=ALL, key_class=kc, num_classes=3, query_label=labels, positions=torch.tensor([0, 5, 32]))
-    _, with_lse = attention_reference(q, k, v, **kw)
+    _, with_lse = capture_attention_torch(q, k, v, **kw)
     plain = lambda q, k, v, causal, scale: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None)
-    monkeypatch.setattr(reference, "_sdpa_with_lse", plain)
-    _, own = attention_reference(q, k, v, **kw)
+    monkeypatch.setattr(torch_attention, "_sdpa_with_lse", plain)
+    _, own = capture_attention_torch(q, k, v, **kw)
     for name in ALL:
         torch.testing.assert_close(own[name], with_lse[name], atol=2e-6, rtol=0)
 
@@ -128,7 +111,7 @@ def test_kernel_rows_equal_all_rows_gathered(path, t, monkeypatch):
     q, k, v, kc, labels = problem(b, h, t, d, device)
     kw = dict(stats=ALL, key_class=kc, num_classes=c, query_label=labels, backend="triton", fp32_precision="ieee")
     out_all, full = capture_attention(q, k, v, **kw)
-    exact = by_definition(q, k, True, kc, c, labels)
+    _, exact = naive_attention(q, k, v, causal=True, key_class=kc, num_classes=c, query_label=labels)
     for rows in row_sets(b, t).values():
         rows = rows.to(device)
         out, got = capture_attention(q, k, v, positions=rows, **kw)
@@ -143,11 +126,11 @@ def test_kernel_class_mass_for_few_and_many_classes(path, num_classes, monkeypat
     """Up to four classes the kernel sums masked rows (the last class is the rest); above, a dot."""
     device = kernel_device()
     monkeypatch.setenv("LIGHTNING_ICL_SHORT", "1" if path == "short" else "0")
-    q, k, v, kc, labels = problem(2, 2, 45, 16, device, num_classes=num_classes, seed=num_classes)
+    q, k, v, kc, _ = problem(2, 2, 45, 16, device, num_classes=num_classes, seed=num_classes)
     _, got = capture_attention(
         q, k, v, stats=("class_mass",), key_class=kc, num_classes=num_classes, backend="triton", fp32_precision="ieee"
     )
-    exact = by_definition(q, k, True, kc, num_classes, labels)["class_mass"]
+    exact = naive_attention(q, k, v, causal=True, key_class=kc, num_classes=num_classes)[1]["class_mass"]
     assert got["class_mass"].shape == (2, 2, 45, num_classes)
     assert (got["class_mass"] >= 0).all()
     torch.testing.assert_close(got["class_mass"].double(), exact, atol=1e-5, rtol=0)
@@ -171,13 +154,12 @@ def test_short_kernel_at_its_longest_sequences(t, dtype, monkeypatch):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
     mine = torch.autograd.grad(out, (q, k, v), grad)
     qq, kk, vv = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+    ref, exact = naive_attention(qq, kk, vv, causal=True, key_class=kc, num_classes=3, query_label=labels)
     expected = torch.autograd.grad(ref, (qq, kk, vv), grad.double())
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
     for name, a, e in zip(("dq", "dk", "dv"), mine, expected, strict=True):
         torch.testing.assert_close(a.double(), e, atol=10 * atol, rtol=0, msg=name)
-    exact = by_definition(q.detach(), k.detach(), True, kc, 3, labels)
     for name in ALL:
         torch.testing.assert_close(got[name].double(), exact[name], atol=atol, rtol=0, msg=name)
 

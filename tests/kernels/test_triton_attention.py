@@ -4,39 +4,21 @@ Interpreter tier: CPU tensors through ``TRITON_INTERPRET=1`` (fp32, fp16; small 
 GPU tier: CUDA tensors, every dtype and larger shapes; skipped without CUDA.
 """
 
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from graph_checks import assert_compiles_as_one_graph
 
 from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+from lightning_icl.kernels.naive import naive_attention
 
 ALL = SUPPORTED_STATS
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="interpreter tier: CPU tensors need TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="GPU tier: needs CUDA")
-
-
-def naive(q, k, v, causal, key_class, num_classes, labels, dtype):
-    """Materialised attention and statistics computed by definition, at ``dtype``."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    t = q.shape[2]
-    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]))
-    if causal:
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    logp = torch.log_softmax(s, dim=-1)
-    stats = {
-        "lse": torch.logsumexp(s, -1),
-        "max_prob": p.amax(-1),
-        "entropy": -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1),
-        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(num_classes)], -1),
-        "same_label_mass": (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1),
-    }
-    return p @ v, stats
 
 
 def make(b, h, t, d, dtype, device, strided, seed=0):
@@ -64,7 +46,8 @@ def check(b, h, t, d, causal, dtype, device, strided, atol):
 
     def run(at):
         qq, kk, vv = (x.detach().to(at).requires_grad_() for x in (q, k, v))
-        o, st = naive(qq, kk, vv, causal, key_class, 3, labels, at)
+        o, st = naive_attention(qq, kk, vv, causal=causal, key_class=key_class, num_classes=3, query_label=labels,
+                                dtype=at)  # fmt: skip
         return o, st, torch.autograd.grad(o, (qq, kk, vv), grad.to(at))
 
     ref_out, ref_stats, ref_grads = run(torch.float64)
@@ -178,15 +161,7 @@ def test_compiles_without_graph_breaks():
                                        backend="triton", fp32_precision="ieee")  # fmt: skip
         return out.square().sum() + 0 * stats["entropy"].sum(), stats["class_mass"]
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss_c, mass_c = compiled(q, k, v)
-    grads_c = torch.autograd.grad(loss_c, (q, k, v))
-    loss_e, mass_e = f(q, k, v)
-    grads_e = torch.autograd.grad(loss_e, (q, k, v))
-    torch.testing.assert_close(loss_c, loss_e)
-    torch.testing.assert_close(mass_c, mass_e)
-    for a, b in zip(grads_c, grads_e, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiles_as_one_graph(f, q, k, v)
 
 
 @pytest.mark.parametrize(

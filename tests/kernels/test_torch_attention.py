@@ -1,32 +1,13 @@
-"""The reference attention (CPU path, and oracle of the fused kernel) against naive float64 maths."""
-
-import math
+"""The torch backend (the CPU path) against attention by definition in float64 (``naive_attention``)."""
 
 import pytest
 import torch
 
-from lightning_icl.kernels import SUPPORTED_STATS, attention_reference, capture_attention
+from lightning_icl.kernels import SUPPORTED_STATS, capture_attention
+from lightning_icl.kernels.naive import naive_attention, naive_pattern
+from lightning_icl.kernels.torch_attention import capture_attention_torch
 
 ALL = SUPPORTED_STATS
-
-
-def naive(q, k, v, causal, key_class, num_classes, labels, scale=None):
-    """Materialise the whole pattern in float64 and compute every statistic by definition."""
-    q, k, v = q.double(), k.double(), v.double()
-    t_q, t_k = q.shape[2], k.shape[2]
-    s = q @ k.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
-    if causal:
-        s = s.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool).triu(1), float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    logp = torch.log_softmax(s, dim=-1)
-    stats = {
-        "lse": torch.logsumexp(s, -1),
-        "max_prob": p.max(-1).values,
-        "entropy": -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1),
-        "class_mass": torch.stack([(p * (key_class == c)[:, None, None, :]).sum(-1) for c in range(num_classes)], -1),
-        "same_label_mass": (p * (labels[:, :, None] == labels[:, None, :])[:, None]).sum(-1),
-    }
-    return p @ v, stats
 
 
 def inputs(b, h, t, d, dtype=torch.float32, seed=0, strided=False):
@@ -48,7 +29,7 @@ def test_reference_matches_naive_for_output_and_every_statistic(t, causal, strid
     out, stats = capture_attention(
         q, k, v, causal=causal, stats=ALL, key_class=key_class, num_classes=c, query_label=labels, backend="torch"
     )
-    ref_out, ref = naive(q, k, v, causal, key_class, c, labels)
+    ref_out, ref = naive_attention(q, k, v, causal=causal, key_class=key_class, num_classes=c, query_label=labels)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
     for name in ALL:
@@ -63,8 +44,8 @@ def test_chunking_does_not_change_results():
     q, k, v = inputs(1, 2, 50, 16)
     kc = torch.randint(2, (1, 50))
     # 7 rows per chunk (2 heads x 50 keys x 7 rows) against everything at once
-    a = attention_reference(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc, chunk_elements=700)
-    b = attention_reference(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc)
+    a = capture_attention_torch(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc, chunk_elements=700)
+    b = capture_attention_torch(q, k, v, stats=ALL, key_class=kc, num_classes=2, query_label=kc)
     torch.testing.assert_close(a[0], b[0])
     for name in ALL:
         torch.testing.assert_close(a[1][name], b[1][name])
@@ -80,7 +61,7 @@ def test_gradients_match_naive_and_do_not_depend_on_statistics(causal):
         out.square().sum().backward()
         grads.append([x.grad for x in (qq, kk, vv)])
     qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-    ref_out, _ = naive(qq, kk, vv, causal, torch.zeros(2, 19, dtype=torch.long), 1, torch.zeros(2, 19))
+    ref_out, _ = naive_attention(qq, kk, vv, causal=causal)
     ref_out.square().sum().backward()
     for got in grads:
         for g, r in zip(got, (qq.grad, kk.grad, vv.grad), strict=True):
@@ -89,7 +70,7 @@ def test_gradients_match_naive_and_do_not_depend_on_statistics(causal):
 
 def test_half_precision_error_is_close_to_pytorchs_own():
     q, k, v = inputs(2, 2, 64, 64, dtype=torch.float16)
-    ref_out, ref = naive(q, k, v, True, torch.zeros(2, 64, dtype=torch.long), 1, torch.zeros(2, 64))
+    ref_out, ref = naive_attention(q, k, v, causal=True)
     out, stats = capture_attention(q, k, v, stats=("lse", "entropy"), backend="torch")
     torch_out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).half()
     ours = (out.double() - ref_out).abs().max()
@@ -101,7 +82,7 @@ def test_half_precision_error_is_close_to_pytorchs_own():
 def test_custom_scale():
     q, k, v = inputs(1, 1, 9, 16)
     out, stats = capture_attention(q, k, v, sm_scale=0.5, stats=("lse",), backend="torch")
-    ref_out, ref = naive(q, k, v, True, torch.zeros(1, 9, dtype=torch.long), 1, torch.zeros(1, 9), scale=0.5)
+    ref_out, ref = naive_attention(q, k, v, causal=True, sm_scale=0.5)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stats["lse"].double(), ref["lse"], atol=1e-5, rtol=1e-4)
 
@@ -145,7 +126,7 @@ def test_single_probabilities_from_lse_match_the_pattern(causal):
 
     q, k, v = inputs(2, 3, 17, 16, dtype=torch.float64)
     _, stats = capture_attention(q, k, v, causal=causal, stats=("lse",), backend="torch")
-    pattern = torch.softmax(naive_scores(q, k, causal), dim=-1)
+    pattern = naive_pattern(q, k, causal=causal)
     prev = torch.arange(17) - 1  # previous token; -1 for the first query
     got = attention_probability(q, k, stats["lse"], prev, causal=causal)
     expected = torch.where(prev[None, None] >= 0, pattern[..., torch.arange(17), prev.clamp(min=0)], 0.0)
@@ -154,11 +135,3 @@ def test_single_probabilities_from_lse_match_the_pattern(causal):
     got = attention_probability(q, k, stats["lse"], later, causal=causal)
     assert (got[..., :-1] == 0).all() if causal else (got[..., :-1] > 0).all()
     assert (got[..., -1] == 0).all()  # index 17 is out of range
-
-
-def naive_scores(q, k, causal):
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        t = q.shape[2]
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    return s

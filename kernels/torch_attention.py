@@ -1,4 +1,4 @@
-"""Pure-torch attention with per-head statistics: the CPU path of ``capture_attention``.
+"""Pure-torch attention with per-head statistics: the ``"torch"`` backend of ``capture_attention``, its CPU path.
 
 The output (and its backward) is PyTorch's SDPA. The statistics cost one extra no-grad
 pass over the *requested* query rows only: their fp32 scores ``[B, H, P, Tk]`` are formed
@@ -13,6 +13,9 @@ A key padding mask ``[B, Tk]`` becomes one ``-inf`` bias ``[B, 1, 1, Tk]``, buil
 fused CPU kernel takes it together with ``is_causal`` (and gives a query row with no allowed
 key a zero output, a zero log-sum-exp and zero gradients), and the statistics add it to their
 score block. Rows with no allowed key get every statistic 0, set explicitly.
+
+This is production code, tested like the Triton kernels (:mod:`.triton_attention`) against the
+float64 definition in :mod:`.naive`.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def select_rows(x: Tensor, positions: Tensor, dim: int) -> Tensor:
     return torch.gather(x, dim, positions.view(shape).expand(*sizes))
 
 
-def attention_reference(
+def capture_attention_torch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
