@@ -22,19 +22,21 @@ if TYPE_CHECKING:
     from matplotlib.image import AxesImage
 
 DPI = 110
-"""Resolution a figure is drawn at (and written at by :func:`save`) unless it says otherwise."""
+"""Resolution :func:`save` writes at unless told otherwise (figures are drawn at matplotlib's
+``figure.dpi``: their layout is computed there)."""
+CURVES_DPI = 130
+"""Resolution of the training and per-shot curves and the head-importance panels."""
+KEEP_FREQUENCY_DPI = 120
 ANNOTATE_CELLS = 64
 """Heatmaps with at most this many cells print each cell's value."""
 METRIC_LABELS = {"loss": "cross-entropy (nats)", "acc": "accuracy", "mse": "squared error"}
 
 
-def _figure(
-    figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, dpi: float = DPI, **subplots: Any
-) -> tuple[Figure, Any]:
+def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, **subplots: Any) -> tuple[Figure, Any]:
     """A new figure (no pyplot: nothing registered, no backend chosen) and its ``nrows x ncols`` axes."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=dpi)
+    fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, **subplots)
 
 
@@ -44,12 +46,12 @@ def _colormap(name: str):
     return colormaps[name]
 
 
-def save(fig: Figure | None, path: str, dpi: float | None = None, **savefig: Any) -> str | None:
-    """Write ``fig`` to ``path`` at ``dpi`` (default: the figure's own), other ``savefig`` keywords
-    passed on; return the path, or ``None`` when there is no figure."""
+def save(fig: Figure | None, path: str, dpi: float = DPI, **savefig: Any) -> str | None:
+    """Write ``fig`` to ``path`` at ``dpi``, other ``savefig`` keywords passed on; return the
+    path, or ``None`` when there is no figure."""
     if fig is None:
         return None
-    fig.savefig(path, dpi=fig.dpi if dpi is None else dpi, **savefig)
+    fig.savefig(path, dpi=dpi, **savefig)
     return path
 
 
@@ -146,7 +148,7 @@ def head_importance_figure(ablation: dict | None, attribution: dict | None) -> F
     """The latest ``[L, H]`` ablation effect and attribution estimate side by side, on one colour
     scale (so that an estimate near zero looks near zero), with their rank agreement.
 
-    Written with ``bbox_inches="tight"``: its colour bar spans both panels.
+    Written at ``CURVES_DPI`` with ``bbox_inches="tight"``: its colour bar spans both panels.
     """
     panels = []
     if ablation is not None:
@@ -160,7 +162,7 @@ def head_importance_figure(ablation: dict | None, attribution: dict | None) -> F
         return None
     values = [torch.tensor(v, dtype=torch.float32) for v, _ in panels]
     limit = max(float(v.abs().max()) for v in values) or 1.0
-    fig, axes = _figure((5.2 * len(panels), 3.9), 1, len(panels), dpi=130, squeeze=False)
+    fig, axes = _figure((5.2 * len(panels), 3.9), 1, len(panels), squeeze=False)
     image = None
     for ax, value, (_, title) in zip(axes[0], values, panels, strict=True):
         image = draw_heatmap(ax, value, title, "", vmin=-limit, vmax=limit, colorbar_on=False)
@@ -347,7 +349,7 @@ def keep_frequency_figure(summary: dict) -> Figure:
 
     freq = torch.tensor(summary["frequency"])
     n_l, n_h = freq.shape
-    fig, ax = _figure((max(5.0, 2.0 + 0.8 * n_h), 2.0 + 0.6 * n_l), dpi=120)
+    fig, ax = _figure((max(5.0, 2.0 + 0.8 * n_h), 2.0 + 0.6 * n_l))
     title = f"Head keep frequency over {len(summary['runs'])} subnetworks\n(heuristic core outlined)"
     draw_heatmap(ax, freq, title, "fraction keeping the head", vmin=0, vmax=1, annotate=False)
     for layer in range(n_l):
@@ -372,7 +374,7 @@ def training_curves_figure(series: dict[str, list[tuple[int, float]]], chance: f
     panels = [(k, keys) for k, keys in kinds.items() if keys]
     if not panels:
         return None
-    fig, axes = _figure((6 * len(panels), 4.2), 1, len(panels), dpi=130, squeeze=False)
+    fig, axes = _figure((6 * len(panels), 4.2), 1, len(panels), squeeze=False)
     for ax, (kind, keys) in zip(axes[0], panels, strict=True):
         for key in sorted(keys):
             steps, values = zip(*series[key], strict=True)
@@ -409,7 +411,7 @@ def icl_curves_figure(
     steps = sorted({r["step"] for r in rows})
     if len(steps) > max_steps_shown:
         steps = sorted({steps[round(i * (len(steps) - 1) / (max_steps_shown - 1))] for i in range(max_steps_shown)})
-    fig, axes = _figure((4.2 * len(splits), 3.4 * len(metrics)), len(metrics), len(splits), dpi=130, squeeze=False,
+    fig, axes = _figure((4.2 * len(splits), 3.4 * len(metrics)), len(metrics), len(splits), squeeze=False,
                         sharey="row")  # fmt: skip
     cmap = _colormap("viridis")
     for (row, metric), (col, split) in ((m, s) for m in enumerate(metrics) for s in enumerate(splits)):

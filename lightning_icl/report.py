@@ -133,11 +133,11 @@ def write_fit_report(log_dir: str) -> list[str]:
     metrics = os.path.join(log_dir, "metrics.csv")
     if os.path.exists(metrics):
         fig = plotting.training_curves_figure(read_metrics_csv(metrics), chance)
-        written.append(plotting.save(fig, os.path.join(log_dir, "training_curves.png")))
+        written.append(plotting.save(fig, os.path.join(log_dir, "training_curves.png"), plotting.CURVES_DPI))
     rows = per_shot_rows(log_dir)
     if rows:
         fig = plotting.icl_curves_figure(rows, chance=chance)
-        written.append(plotting.save(fig, os.path.join(log_dir, "icl_curves.png")))
+        written.append(plotting.save(fig, os.path.join(log_dir, "icl_curves.png"), plotting.CURVES_DPI))
     return [path for path in written if path]
 
 
@@ -203,19 +203,20 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
     """Every figure ``run_dir`` has data for, written into ``out``; ``[(title, path), ...]``."""
     figures: list[tuple[str, str]] = []
 
-    def add(title: str, fig: Figure | None, name: str, **savefig) -> None:
-        path = plotting.save(fig, os.path.join(out, f"{prefix}{name}.png"), **savefig)
+    def add(title: str, fig: Figure | None, name: str, dpi: float = plotting.DPI, **savefig) -> None:
+        path = plotting.save(fig, os.path.join(out, f"{prefix}{name}.png"), dpi, **savefig)
         if path:
             figures.append((title, path))
 
     chance = answer_chance(hyperparameters(run_dir))
     metrics = os.path.join(run_dir, "metrics.csv")
     if os.path.exists(metrics):
-        series = read_metrics_csv(metrics)
-        add("Loss and accuracy per split", plotting.training_curves_figure(series, chance), "training")
+        fig = plotting.training_curves_figure(read_metrics_csv(metrics), chance)
+        add("Loss and accuracy per split", fig, "training", plotting.CURVES_DPI)
     rows = per_shot_rows(run_dir)
     if rows:
-        add("Per-shot curves at several steps", plotting.icl_curves_figure(rows, chance=chance), "per_shot")
+        fig = plotting.icl_curves_figure(rows, chance=chance)
+        add("Per-shot curves at several steps", fig, "per_shot", plotting.CURVES_DPI)
     for stem, records in callback_records(run_dir, "curves").items():
         add(f"Per-concept curves ({stem})", plotting.concept_curves_figure(records), f"{stem}_by_concept")
     for stem, records in callback_records(run_dir, "decodability").items():
@@ -225,7 +226,7 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
     if ablation or attribution:
         last = lambda found: next(iter(found.values()))[-1] if found else None
         fig = plotting.head_importance_figure(last(ablation), last(attribution))
-        add("Head importance: ablation and attribution", fig, "heads", bbox_inches="tight")
+        add("Head importance: ablation and attribution", fig, "heads", plotting.CURVES_DPI, bbox_inches="tight")
     for stem, records in callback_records(run_dir, "attention").items():
         add(f"Attention statistics ({stem})", plotting.attention_figure(records[-1]), stem)
     for stem, records in callback_records(run_dir, "circuits").items():
@@ -235,7 +236,8 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
     core = os.path.join(run_dir, "core.json")
     if os.path.exists(core):
         with open(core) as f:
-            add("Subnetworks: head keep frequency", plotting.keep_frequency_figure(json.load(f)), "core")
+            fig = plotting.keep_frequency_figure(json.load(f))
+        add("Subnetworks: head keep frequency", fig, "core", plotting.KEEP_FREQUENCY_DPI)
     return figures
 
 
