@@ -2,7 +2,7 @@
 
 Two more commands read a trained checkpoint: ``lightning-icl prune`` and ``lightning-icl core``
 (subnetworks and their heuristic core, :mod:`lightning_icl.pruning.cli`); ``lightning-icl report``
-draws run directories (:mod:`lightning_icl.reports`).
+draws run directories (:mod:`lightning_icl.report`).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def _dispatch(args: list[str] | None, argv: list[str]) -> None:
         COMMANDS[argv[0]](argv[1:])
         return
     if argv and argv[0] == "report":
-        from lightning_icl.reports import main as report_main
+        from lightning_icl.report import main as report_main
 
         report_main(argv[1:])
         return

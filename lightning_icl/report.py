@@ -1,21 +1,48 @@
-"""Figures from a run directory: training curves and per-shot ICL curves."""
+"""Reports of runs: the figures written after ``fit``, and ``lightning-icl report``, figures and
+one self-contained HTML page from run directories. The drawing is :mod:`lightning_icl.plotting`'s.
+
+:func:`write_fit_report` writes ``training_curves.png`` and ``icl_curves.png`` into the log
+directory at the end of ``lightning-icl fit``.
+
+Reads what :class:`~lightning_icl.ICLModule` and the callbacks write into a run directory
+(``metrics.csv``, ``icl_curves.jsonl``, ``decodability*.jsonl``, ``ablation*.jsonl``,
+``attribution*.jsonl``, ``attention*.jsonl``, ``curves*.jsonl``, ``circuits*.jsonl``,
+``patching*.jsonl``), the
+output of ``lightning-icl core`` (``core.json``), and the hyperparameters (``hparams.yaml`` or
+``config.yaml``), and draws every figure the run has data for. Several runs of a sweep also give
+a phase diagram of a final metric over two hyperparameters (He et al.'s n_i.d. x alpha grid).
+
+    lightning-icl report runs/quickstart/version_0 --out report/
+    lightning-icl report runs/sweep/*/version_0 --out sweep_report/ --phase num_tasks,alpha
+
+A logger folder (``runs/quickstart``) stands for its ``version_N`` folders. Versions that are
+segments of one resumed run (the same ``run_id`` in their ``run.json``) are drawn as one run,
+joined step by step (:func:`lightning_icl.records.merge_segments`).
+"""
 
 from __future__ import annotations
 
-import math
+import argparse
+import base64
+import glob
+import html
+import json
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib
 import yaml
 
-from lightning_icl.records import read_jsonl, read_metrics_csv
+from lightning_icl import plotting
+from lightning_icl.records import expand_run_dirs, merge_segments, read_jsonl, read_metrics_csv, run_segments
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+if TYPE_CHECKING:
+    from lightning_icl.plotting import Figure
 
-METRIC_LABELS = {"loss": "cross-entropy (nats)", "acc": "accuracy", "mse": "squared error"}
+PHASE_METRIC = "val/ood_unseen/acc"
 
 
+# ---- hyperparameters --------------------------------------------------------------------------
 class _Loader(yaml.SafeLoader):
     """Safe YAML that reads Lightning's ``!!python/tuple`` (and other python tags) as plain data."""
 
@@ -60,90 +87,28 @@ def answer_chance(hparams: dict) -> float | None:
     return None
 
 
-def plot_training_curves(
-    series: dict[str, list[tuple[int, float]]], out: str, chance: float | None = None
-) -> str | None:
-    """Train loss and every evaluation metric over steps, one panel per metric kind (accuracy on
-    [0, 1], with the chance of guessing the answer when ``chance`` is given)."""
-    kinds = {"loss": [], "acc": [], "mse": []}
-    for key in series:
-        base = key.split("/")[-1]
-        if base in kinds:
-            kinds[base].append(key)
-    panels = [(k, keys) for k, keys in kinds.items() if keys]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, (kind, keys) in zip(axes[0], panels, strict=True):
-        for key in sorted(keys):
-            steps, values = zip(*series[key], strict=True)
-            train = key.startswith("train")
-            ax.plot(steps, values, label=key, alpha=0.5 if train else 1.0, lw=0.8 if train else 1.5)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(METRIC_LABELS[kind])
-        if kind in ("loss", "mse"):
-            ax.set_yscale("log")
-        else:
-            ax.set_ylim(0, 1.02)
-            if chance is not None:
-                ax.axhline(chance, color="black", ls=":", lw=1, label=f"chance ({chance:.2g})")
-        ax.set_title(f"{kind} over training (all shots)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+# ---- reading a run ----------------------------------------------------------------------------
+def callback_records(run_dir: str, name: str) -> dict[str, list[dict]]:
+    """``file stem -> records`` for ``<name>.jsonl`` and tagged ``<name>_<tag>.jsonl`` files."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, f"{name}*.jsonl"))):
+        stem = os.path.basename(path)[: -len(".jsonl")]
+        if stem == name or stem.startswith(f"{name}_"):
+            records = read_jsonl(path)
+            if records:
+                found[stem] = records
+    return found
 
 
-def plot_icl_curves(
-    rows: list[dict], out: str, stage: str = "val", max_steps_shown: int = 4, chance: float | None = None
-) -> str | None:
-    """Per-shot metric for each split, at a few evaluation steps (early to late).
-
-    One row of panels per metric with a shared y axis, so splits compare at a glance; accuracy on
-    [0, 1] with the chance of guessing the answer when ``chance`` is given.
-    """
-    rows = [r for r in rows if r["stage"] == stage]
-    if not rows:
-        return None
-    metrics = sorted({r["metric"] for r in rows})
-    splits = list(dict.fromkeys(r["split"] for r in rows))
-    steps = sorted({r["step"] for r in rows})
-    if len(steps) > max_steps_shown:
-        steps = sorted({steps[round(i * (len(steps) - 1) / (max_steps_shown - 1))] for i in range(max_steps_shown)})
-    fig, axes = plt.subplots(
-        len(metrics), len(splits), figsize=(4.2 * len(splits), 3.4 * len(metrics)), squeeze=False, sharey="row"
-    )
-    cmap = plt.get_cmap("viridis")
-    for (row, metric), (col, split) in ((m, s) for m in enumerate(metrics) for s in enumerate(splits)):
-        ax = axes[row][col]
-        for i, step in enumerate(steps):
-            for r in rows:
-                if r["step"] == step and r["metric"] == metric and r["split"] == split:
-                    ys = [math.nan if v is None else v for v in r["by_shot"]]
-                    colour = cmap(0.9 * i / max(1, len(steps) - 1))
-                    ax.plot(range(len(ys)), ys, marker=".", color=colour, label=f"step {step}")
-        ax.set_title(f"{split}: {metric} per shot", fontsize=10)
-        ax.set_xlabel("shot (examples before the answer)")
-        if col == 0:
-            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if metric == "mse":
-            ax.set_yscale("log")
-        if metric == "acc":
-            ax.set_ylim(0, 1.02)
-            if chance is not None:
-                ax.axhline(chance, color="black", ls=":", lw=1, label="chance")
-        ax.grid(alpha=0.3)
-        if col == 0:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+def final_metrics(run_dir: str) -> dict[str, float]:
+    """The last logged value of every metric in ``metrics.csv``."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.exists(path):
+        return {}
+    return {key: values[-1][1] for key, values in read_metrics_csv(path).items() if values}
 
 
+# ---- the figures after fit ------------------------------------------------------------------
 def curves_as_rows(records: list[dict]) -> list[dict]:
     """``ICLCurves`` records (``curves.jsonl``) in the per-shot layout of ``icl_curves.jsonl``, for
     models that log no per-shot curve of their own (a Hugging Face model, say)."""
@@ -167,13 +132,13 @@ def write_fit_report(log_dir: str) -> list[str]:
     chance = answer_chance(hyperparameters(log_dir))
     metrics = os.path.join(log_dir, "metrics.csv")
     if os.path.exists(metrics):
-        path = plot_training_curves(read_metrics_csv(metrics), os.path.join(log_dir, "training_curves.png"), chance)
-        written += [path] if path else []
+        fig = plotting.training_curves_figure(read_metrics_csv(metrics), chance)
+        written.append(plotting.save(fig, os.path.join(log_dir, "training_curves.png"), plotting.CURVES_DPI))
     rows = per_shot_rows(log_dir)
     if rows:
-        path = plot_icl_curves(rows, os.path.join(log_dir, "icl_curves.png"), chance=chance)
-        written += [path] if path else []
-    return written
+        fig = plotting.icl_curves_figure(rows, chance=chance)
+        written.append(plotting.save(fig, os.path.join(log_dir, "icl_curves.png"), plotting.CURVES_DPI))
+    return [path for path in written if path]
 
 
 def per_shot_rows(log_dir: str) -> list[dict]:
@@ -183,3 +148,226 @@ def per_shot_rows(log_dir: str) -> list[dict]:
         return read_jsonl(curves)
     callback = os.path.join(log_dir, "curves.jsonl")
     return curves_as_rows(read_jsonl(callback)) if os.path.exists(callback) else []
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+SEED_KEYS = ("seed", "seed_everything", "data_seed")
+"""Hyperparameters that tell apart the repeats of one configuration."""
+
+
+def seed_groups(run_dirs: Sequence[str]) -> dict[str, list[str]]:
+    """Runs that differ only in their seeds, grouped: ``label -> run directories`` (groups of two or more)."""
+    groups: dict[str, list[str]] = {}
+    for run_dir in run_dirs:
+        hp = {k: v for k, v in hyperparameters(run_dir).items() if k not in SEED_KEYS}
+        groups.setdefault(json.dumps(hp, sort_keys=True, default=str), []).append(run_dir)
+    varying = _varying(run_dirs)
+    named = {}
+    for runs in groups.values():
+        if len(runs) < 2:
+            continue
+        hp = hyperparameters(runs[0])
+        label = ", ".join(f"{k}={hp[k]}" for k in varying if k in hp and k not in SEED_KEYS) or "all runs"
+        named[label] = runs
+    return named
+
+
+def _varying(run_dirs: Sequence[str]) -> list[str]:
+    """The scalar hyperparameters whose value differs between runs."""
+    seen: dict[str, set] = {}
+    for run_dir in run_dirs:
+        for k, v in hyperparameters(run_dir).items():
+            if isinstance(v, (int, float, str, bool)):
+                seen.setdefault(k, set()).add(v)
+    return sorted(k for k, values in seen.items() if len(values) > 1)
+
+
+def seed_series(groups: dict[str, list[str]]) -> dict[str, dict[str, list[dict[int, float]]]]:
+    """Each evaluation split's accuracy (or squared error) over training, per group and seed:
+    ``"<split> <metric>" -> group label -> [{step: value} per run]`` (from ``metrics.csv``)."""
+    series: dict[str, dict[str, list[dict[int, float]]]] = {}
+    for label, runs in groups.items():
+        for run_dir in runs:
+            path = os.path.join(run_dir, "metrics.csv")
+            if not os.path.exists(path):
+                continue
+            for key, values in read_metrics_csv(path).items():
+                parts = key.split("/")
+                if len(parts) == 3 and parts[0] == "val" and parts[2] in ("acc", "mse"):
+                    series.setdefault(f"{parts[1]} {parts[2]}", {}).setdefault(label, []).append(dict(values))
+    return series
+
+
+# ---- the report -------------------------------------------------------------------------------
+def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str]]:
+    """Every figure ``run_dir`` has data for, written into ``out``; ``[(title, path), ...]``."""
+    figures: list[tuple[str, str]] = []
+
+    def add(title: str, fig: Figure | None, name: str, dpi: float = plotting.DPI, **savefig) -> None:
+        path = plotting.save(fig, os.path.join(out, f"{prefix}{name}.png"), dpi, **savefig)
+        if path:
+            figures.append((title, path))
+
+    chance = answer_chance(hyperparameters(run_dir))
+    metrics = os.path.join(run_dir, "metrics.csv")
+    if os.path.exists(metrics):
+        fig = plotting.training_curves_figure(read_metrics_csv(metrics), chance)
+        add("Loss and accuracy per split", fig, "training", plotting.CURVES_DPI)
+    rows = per_shot_rows(run_dir)
+    if rows:
+        fig = plotting.icl_curves_figure(rows, chance=chance)
+        add("Per-shot curves at several steps", fig, "per_shot", plotting.CURVES_DPI)
+    for stem, records in callback_records(run_dir, "curves").items():
+        add(f"Per-concept curves ({stem})", plotting.concept_curves_figure(records), f"{stem}_by_concept")
+    for stem, records in callback_records(run_dir, "decodability").items():
+        add(f"Concept decodability ({stem})", plotting.decodability_figure(records), stem)
+    ablation = callback_records(run_dir, "ablation")
+    attribution = callback_records(run_dir, "attribution")
+    if ablation or attribution:
+        last = lambda found: next(iter(found.values()))[-1] if found else None
+        fig = plotting.head_importance_figure(last(ablation), last(attribution))
+        add("Head importance: ablation and attribution", fig, "heads", plotting.CURVES_DPI, bbox_inches="tight")
+    for stem, records in callback_records(run_dir, "attention").items():
+        add(f"Attention statistics ({stem})", plotting.attention_figure(records[-1]), stem)
+    for stem, records in callback_records(run_dir, "circuits").items():
+        add(f"Circuit overlap ({stem})", plotting.circuits_over_training_figure(records), stem)
+    for stem, records in callback_records(run_dir, "patching").items():
+        add(f"Concept patching and function-vector heads ({stem})", plotting.patching_figure(records[-1]), stem)
+    core = os.path.join(run_dir, "core.json")
+    if os.path.exists(core):
+        with open(core) as f:
+            fig = plotting.keep_frequency_figure(json.load(f))
+        add("Subnetworks: head keep frequency", fig, "core", plotting.KEEP_FREQUENCY_DPI)
+    return figures
+
+
+def write_report(
+    run_dirs: Sequence[str], out: str, phase: tuple[str, str] | None = None, metric: str = PHASE_METRIC
+) -> str:
+    """Figures for every run, a phase diagram over ``phase`` = (x, y) hyperparameters when several
+    runs are given, and ``out/index.html`` showing them all (images embedded). Returns its path."""
+    from tqdm.auto import tqdm
+
+    missing = [d for d in run_dirs if not os.path.isdir(d)]
+    if missing:
+        raise ValueError(f"run directories not found: {', '.join(missing)}")
+    os.makedirs(out, exist_ok=True)
+    runs = []  # (title, directory): the segments of a resumed run joined into one folder under out/
+    for i, segments in enumerate(run_segments(expand_run_dirs(list(run_dirs)))):
+        title = segments[0] if len(segments) == 1 else " + ".join(segments) + " (one resumed run)"
+        runs.append((title, merge_segments(segments, os.path.join(out, "joined", f"run{i}"))))
+    run_dirs = [d for _, d in runs]
+    sections: list[tuple[str, list[tuple[str, str]], dict, dict]] = []
+    points = []
+    many = len(run_dirs) > 1
+    for i, (title, run_dir) in enumerate(tqdm(runs, desc="runs", unit="run", disable=not many)):
+        prefix = f"run{i}_" if many else ""
+        figures = run_figures(run_dir, out, prefix)
+        finals = final_metrics(run_dir)
+        sections.append((title, figures, finals, hyperparameters(run_dir)))
+        if phase is not None:
+            hp = hyperparameters(run_dir)
+            if all(k in hp for k in phase) and metric in finals:
+                points.append((float(hp[phase[0]]), float(hp[phase[1]]), finals[metric]))
+    summary: list[tuple[str, str]] = []
+    if phase is not None:
+        if not points:
+            raise ValueError(
+                f"no run has both hyperparameters {phase} (hparams.yaml or config.yaml) and a final {metric!r}"
+            )
+        fig = plotting.phase_diagram_figure(points, phase[0], phase[1], metric)
+        path = plotting.save(fig, os.path.join(out, "phase_diagram.png"))
+        summary.append((f"Phase diagram: {metric} over {phase[0]} x {phase[1]}", path))
+    if many and (groups := seed_groups(run_dirs)):
+        path = plotting.save(plotting.seed_bands_figure(seed_series(groups)), os.path.join(out, "seeds.png"))
+        if path:
+            summary.append(("Repeats over seeds: mean and spread", path))
+    index = os.path.join(out, "index.html")
+    with open(index, "w") as f:
+        f.write(_html(summary, sections))
+    return index
+
+
+def _img(path: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}">'
+
+
+def _html(summary: list[tuple[str, str]], sections: list[tuple[str, list[tuple[str, str]], dict, dict]]) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>lightning_icl report</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "img{max-width:100%;border:1px solid #ddd;margin:.4em 0}table{border-collapse:collapse;font-size:.85em;"
+        "margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}th{text-align:left}"
+        "details{margin:.5em 0}</style></head><body>",
+        "<h1>lightning_icl report</h1>",
+    ]
+    for title, path in summary:
+        parts += [f"<h2>{html.escape(title)}</h2>", _img(path)]
+    for run_dir, figures, finals, hparams in sections:
+        parts.append(f"<h2>{html.escape(run_dir)}</h2>")
+        parts += _metrics_table(finals)
+        parts += _config_table(hparams)
+        if not figures:
+            parts.append("<p>Nothing to draw: no metrics.csv, icl_curves.jsonl or callback records here.</p>")
+        for title, path in figures:
+            parts += [f"<h3>{html.escape(title)}</h3>", _img(path)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _metrics_table(finals: dict[str, float]) -> list[str]:
+    """Final evaluation metrics as one row per split and metric: over all shots, first shot, last shot."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in finals.items():
+        if not key.startswith(("val/", "test/")) or key.count("/") != 2:
+            continue
+        base, column = key, "all shots"
+        for suffix, name in (("_shot0", "first shot"), ("_last", "last shot")):
+            if key.endswith(suffix):
+                base, column = key[: -len(suffix)], name
+        rows.setdefault(base, {})[column] = value
+    if not rows:
+        return []
+    columns = ("all shots", "first shot", "last shot")
+    out = ["<table><tr><th>final (split / metric)</th>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"]
+    for base in sorted(rows):
+        cells = "".join(f"<td>{rows[base][c]:.4g}</td>" if c in rows[base] else "<td></td>" for c in columns)
+        out.append(f"<tr><th>{html.escape(base)}</th>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
+def _config_table(hparams: dict) -> list[str]:
+    """The run's hyperparameters (``hparams.yaml``, ``config.yaml``), folded away under a summary line."""
+    flat = {}
+    for key, value in hparams.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+        elif not isinstance(value, list) or len(value) <= 8:
+            flat[key] = value
+    if not flat:
+        return []
+    cell = lambda k, v: f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    rows = "".join(cell(k, v) for k, v in sorted(flat.items()))
+    return [f"<details><summary>run configuration ({len(flat)} settings)</summary><table>{rows}</table></details>"]
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        prog="lightning-icl report", description="Figures and an HTML page from run directories."
+    )
+    parser.add_argument("runs", nargs="+", help="run directories (the logger's version_N folders)")
+    parser.add_argument("--out", required=True, help="folder for the figures and index.html")
+    parser.add_argument("--phase", default=None, help="two hyperparameters for a phase diagram, e.g. num_tasks,alpha")
+    parser.add_argument("--metric", default=PHASE_METRIC, help=f"final metric of the phase diagram ({PHASE_METRIC})")
+    args = parser.parse_args(argv)
+    phase = None
+    if args.phase is not None:
+        phase = tuple(p.strip() for p in args.phase.split(","))
+        if len(phase) != 2 or not all(phase):
+            parser.error(f"--phase takes two hyperparameter names separated by a comma, got {args.phase!r}")
+    index = write_report(args.runs, args.out, phase, args.metric)
+    print(f"wrote {index}")
+    return index

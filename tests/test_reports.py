@@ -9,18 +9,9 @@ import pytest
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
+import lightning_icl as icl
 from conftest import tiny_modular, tiny_module, trainer_kwargs
-from lightning_icl import (
-    AttentionStatistics,
-    CircuitOverlap,
-    ConceptDecodability,
-    ConceptPatching,
-    HeadAblation,
-    HeadAttribution,
-    ICLCurves,
-)
-from lightning_icl.report import hyperparameters, load_yaml
-from lightning_icl.reports import callback_records, main
+from lightning_icl.report import callback_records, hyperparameters, load_yaml, main, seed_groups
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +20,31 @@ def run_dir(tmp_path_factory):
     L.seed_everything(0)
     data = tiny_modular(num_eval_batches=4)
     callbacks = [
-        ConceptDecodability(k=5, probe=True, by_shot=True),
-        HeadAblation(),
-        HeadAttribution(every_n_steps=5),
-        AttentionStatistics(every_n_steps=5),
-        ICLCurves(by_concept=True),
-        CircuitOverlap(families={"id": 0, "ood": 2}),
-        ConceptPatching(),
+        icl.ConceptDecodability(k=5, probe=True, by_shot=True),
+        icl.HeadAblation(),
+        icl.HeadAttribution(every_n_steps=5),
+        icl.AttentionStatistics(every_n_steps=5),
+        icl.ICLCurves(by_concept=True),
+        icl.CircuitOverlap(families={"id": 0, "ood": 2}),
+        icl.ConceptPatching(),
     ]
     kwargs = trainer_kwargs(root, logger=CSVLogger(str(root), name="run"), limit_val_batches=4, callbacks=callbacks)
     trainer = L.Trainer(**kwargs)
     trainer.fit(tiny_module(data), data)
     return trainer.log_dir
+
+
+def copies_with(run_dir, tmp_path, name: str, hparams: list[dict]) -> list[str]:
+    """Copies of ``run_dir`` under ``tmp_path/<name><i>``, the i-th with ``hparams[i]`` merged into its hparams.yaml."""
+    runs = []
+    for i, update in enumerate(hparams):
+        copy = tmp_path / f"{name}{i}"
+        shutil.copytree(run_dir, copy)
+        hp = load_yaml(copy / "hparams.yaml")
+        hp.update(update)
+        (copy / "hparams.yaml").write_text(yaml.safe_dump(hp))
+        runs.append(str(copy))
+    return runs
 
 
 @pytest.mark.slow
@@ -58,14 +62,8 @@ def test_report_draws_every_figure_of_a_run(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_report_of_a_sweep_draws_its_phase_diagram(run_dir, tmp_path):
-    runs = []
-    for i, (num_tasks, alpha) in enumerate([(4, 0.5), (8, 0.5), (4, 0.7), (8, 0.7)]):
-        copy = tmp_path / f"run{i}"
-        shutil.copytree(run_dir, copy)
-        hp = load_yaml(copy / "hparams.yaml")
-        hp.update(num_tasks=num_tasks, alpha=alpha)
-        (copy / "hparams.yaml").write_text(yaml.safe_dump(hp))
-        runs.append(str(copy))
+    grid = [(4, 0.5), (8, 0.5), (4, 0.7), (8, 0.7)]
+    runs = copies_with(run_dir, tmp_path, "run", [{"num_tasks": n, "alpha": a} for n, a in grid])
     assert hyperparameters(runs[1])["num_tasks"] == 8
     main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "num_tasks,alpha"])
     assert (tmp_path / "sweep" / "phase_diagram.png").exists()
@@ -118,34 +116,6 @@ def test_report_page_has_the_icl_table_and_the_run_configuration(run_dir, tmp_pa
     assert "run configuration" in page and "<th>task.vocab_size</th><td>7</td>" in page
 
 
-def test_figures_read_on_fixed_scales_with_their_baselines():
-    """Bounded quantities on [0, 1], chance drawn, key classes named: figures compare across runs."""
-    from lightning_icl.callbacks.attention import attention_figure
-    from lightning_icl.callbacks.decodability import decodability_figure
-
-    cd = {"step": 5, "cd": [0.3, 0.6], "num_points": 32, "k": 5, "concepts": [0, 1, 2, 3], "peak_layer": 1,
-          "chance": 0.25, "cd_interval": [[0.2, 0.4], [0.5, 0.7]], "cd_permutation": [0.25, 0.24],
-          "cd_permutation_high": [0.33, 0.32]}  # fmt: skip
-    fig = decodability_figure([cd, {**cd, "step": 10}])
-    layers, over = fig.axes[0], fig.axes[1]
-    assert layers.get_ylim() == (0, 1.02) and any(tuple(line.get_ydata()) == (0.25, 0.25) for line in layers.lines)
-    assert over.images[0].get_clim() == (0.0, 1.0)
-    attention = {"step": 5, "max_prob": [[0.5, 0.2]], "class_mass": [[[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]],
-                 "class_names": ["x", "y", "z"]}  # fmt: skip
-    fig = attention_figure(attention)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert {"mass on x keys", "mass on y keys", "mass on z keys", "max prob"} <= set(titles)
-    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in fig.axes if ax.images)
-    assert [t.get_text() for t in fig.axes[0].texts] == ["0.5", "0.2"]  # small grids print their values
-    # a loss effect is read against zero: a diverging scale centred there, even when all are positive
-    from lightning_icl.callbacks import HeadAblation, HeadAttribution
-
-    effects = {"step": 5, "loss_effect": [[0.2, 1.3]], "loss_effect_estimate": [[0.25, 1.1]], "method": "integrated",
-               "steps": 2, "mode": "mean"}  # fmt: skip
-    assert HeadAblation(mode="mean").figure(effects).axes[0].images[0].get_clim() == pytest.approx((-1.3, 1.3))
-    assert HeadAttribution().figure(effects).axes[0].images[0].get_clim() == pytest.approx((-1.1, 1.1))
-
-
 @pytest.mark.slow
 def test_a_foreign_models_per_shot_curves_and_a_sweeps_seed_band(run_dir, tmp_path):
     # a run without the module's icl_curves.jsonl (a Hugging Face model): per-shot curves from ICLCurves
@@ -155,16 +125,8 @@ def test_a_foreign_models_per_shot_curves_and_a_sweeps_seed_band(run_dir, tmp_pa
     main([str(foreign), "--out", str(tmp_path / "foreign_report")])
     assert (tmp_path / "foreign_report" / "per_shot.png").exists()
     # two seeds of one configuration: a band over the seeds, and the phase cell averages them
-    runs = []
-    for i, (seed, alpha) in enumerate([(0, 0.5), (1, 0.5), (0, 0.7)]):
-        copy = tmp_path / f"seed{i}"
-        shutil.copytree(run_dir, copy)
-        hp = load_yaml(copy / "hparams.yaml")
-        hp.update(seed=seed, alpha=alpha)
-        (copy / "hparams.yaml").write_text(yaml.safe_dump(hp))
-        runs.append(str(copy))
-    from lightning_icl.reports import seed_groups
-
+    grid = [(0, 0.5), (1, 0.5), (0, 0.7)]
+    runs = copies_with(run_dir, tmp_path, "seed", [{"seed": seed, "alpha": a} for seed, a in grid])
     assert list(seed_groups(runs).values()) == [runs[:2]]
     page = Path(main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "alpha,num_tasks"])).read_text()
     assert (tmp_path / "sweep" / "seeds.png").exists() and "Repeats over seeds" in page

@@ -8,8 +8,9 @@ import torch
 
 from lightning_icl.checks import check_choice, check_optional_positive, check_positive
 from lightning_icl.interventions import ABLATIONS, ablation_effects
+from lightning_icl.plotting import ablation_figure
 
-from .base import ICLCallback, heatmap, rank_agreement_with
+from .base import ICLCallback, rank_agreement_with
 
 
 def top_heads(effect: torch.Tensor, k: int) -> list[list]:
@@ -92,9 +93,4 @@ class HeadAblation(ICLCallback):
         return out
 
     def figure(self, record):
-        return heatmap(
-            record["loss_effect"],
-            f"{self.mode} ablation at step {record['step']}",
-            "loss increase (nats)",
-            symmetric=True,
-        )
+        return ablation_figure(record)

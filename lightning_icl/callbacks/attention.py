@@ -9,8 +9,9 @@ import torch
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.checks import check_flag, check_positive
 from lightning_icl.kernels import SUPPORTED_STATS, attention_probability
+from lightning_icl.plotting import attention_figure
 
-from .base import ICLCallback, draw_heatmap
+from .base import ICLCallback
 
 
 class AttentionStatistics(ICLCallback):
@@ -122,42 +123,3 @@ class AttentionStatistics(ICLCallback):
 
     def figure(self, record):
         return attention_figure(record)
-
-
-BOUNDED = ("max_prob", "same_label_mass", "previous_token")
-"""Statistics that are probabilities: drawn on a fixed [0, 1] scale."""
-PANEL_UNITS = {"entropy": "nats", "lse": "nats", "max_prob": "probability", "same_label_mass": "probability mass",
-               "previous_token": "probability"}  # fmt: skip
-
-
-def attention_figure(record: dict):
-    """Every per-head statistic of one record as a heatmap; class mass one panel per named key class."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(name, record[name]) for name in ("entropy", "max_prob", "same_label_mass", "previous_token", "lse")
-              if name in record]  # fmt: skip
-    if "class_mass" in record:
-        mass = torch.tensor(record["class_mass"])  # [L, H, C]
-        names = record.get("class_names") or [f"class {c}" for c in range(mass.shape[-1])]
-        panels += [(f"mass on {names[c]} keys", mass[..., c]) for c in range(mass.shape[-1])]
-    if not panels:
-        return None
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
-    for ax, (name, values) in zip(axes.flat, panels, strict=False):
-        bounded = name in BOUNDED or name.startswith("mass on")
-        units = PANEL_UNITS.get(name, "probability mass")
-        low = None if name == "lse" else 0.0  # a log-sum-exp may be negative; the rest are not
-        draw_heatmap(ax, values, name.replace("_", " "), units, vmin=low, vmax=1.0 if bounded else None)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.suptitle(f"attention statistics per head, mean over the batch's positions (step {record['step']})",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    return fig

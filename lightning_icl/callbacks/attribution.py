@@ -8,9 +8,10 @@ import torch
 
 from lightning_icl.checks import check_choice, check_positive
 from lightning_icl.interventions import ABLATIONS, head_attribution
+from lightning_icl.plotting import attribution_figure
 
 from .ablation import HeadAblation, top_heads
-from .base import ICLCallback, heatmap, rank_agreement_with
+from .base import ICLCallback, rank_agreement_with
 
 ATTRIBUTION_CALLBACK_METHODS = ("integrated", "gradient", "training")
 
@@ -130,14 +131,7 @@ class HeadAttribution(ICLCallback):
         return out
 
     def figure(self, record):
-        what = {"integrated": f"integrated gradients ({record.get('steps')} steps)", "gradient": "-dL/dgate at 1",
-                "training": "-dL/dgate, training steps"}.get(record.get("method"), "-dL/dgate")  # fmt: skip
-        return heatmap(
-            record["loss_effect_estimate"],
-            f"{what}, {record.get('mode', 'zero')} ablation, step {record['step']}",
-            "estimated loss increase (nats)",
-            symmetric=True,
-        )
+        return attribution_figure(record)
 
     # ---- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class ICLCallback(L.Callback):
         return {}
 
     def figure(self, record: dict[str, Any]):
-        """A matplotlib figure for the record, or None."""
+        """The record's figure (drawn by a :mod:`lightning_icl.plotting` function), or None."""
         return None
 
     @property
@@ -277,9 +277,6 @@ class ICLCallback(L.Callback):
                 logger.experiment.add_figure(self.key, fig, global_step=record["step"])
         os.makedirs(os.path.join(log_dir, "figures"), exist_ok=True)
         fig.savefig(os.path.join(log_dir, "figures", f"{self.key}.png"), dpi=150)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
 
     # ---- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -316,84 +313,3 @@ def reduce_padded(trainer: L.Trainer, sums: torch.Tensor) -> torch.Tensor:
         pad = [x for d in reversed(range(sums.dim())) for x in (0, longest[d] - sums.shape[d])]
         sums = trainer.strategy.reduce(torch.nn.functional.pad(sums, pad), reduce_op="sum")
     return sums
-
-
-ANNOTATE_CELLS = 64
-"""Heatmaps with at most this many cells print each cell's value."""
-
-
-def heatmap(
-    values,
-    title: str,
-    colorbar: str,
-    row_label: str = "layer",
-    col_label: str = "head",
-    vmin: float | None = None,
-    vmax: float | None = None,
-    symmetric: bool = False,
-):
-    """A ``[rows, cols]`` heatmap figure with labelled axes, a colour bar and (small grids) values.
-
-    ``symmetric=True`` centres a diverging scale on zero whatever the signs (for effects such as
-    a loss change, where zero means "no effect" and must look the same in every figure).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = torch.as_tensor(values, dtype=torch.float32)
-    width = max(4.8, 1.6 + 0.75 * values.shape[1])
-    height = max(3.2, 1.4 + 0.6 * values.shape[0])
-    fig, ax = plt.subplots(figsize=(width, height))
-    draw_heatmap(ax, values, title, colorbar, row_label, col_label, vmin=vmin, vmax=vmax, symmetric=symmetric)
-    fig.tight_layout()
-    return fig
-
-
-def draw_heatmap(
-    ax,
-    values,
-    title: str,
-    colorbar: str,
-    row_label: str = "layer",
-    col_label: str = "head",
-    vmin: float | None = None,
-    vmax: float | None = None,
-    colorbar_on: bool = True,
-    symmetric: bool = False,
-):
-    """A ``[rows, cols]`` heatmap on ``ax``; returns the image.
-
-    Diverging colours symmetric around 0 when any value is negative or ``symmetric`` is set (unless ``vmin``/``vmax``
-    fix the scale: give them for bounded quantities such as probabilities, so that two figures
-    read alike); the value of each cell is printed on grids of up to ``ANNOTATE_CELLS`` cells.
-    """
-    values = torch.as_tensor(values, dtype=torch.float32)
-    finite = values[torch.isfinite(values)]
-    limit = float(finite.abs().max()) if finite.numel() else 1.0
-    limit = limit or 1.0
-    signed = symmetric or (bool((finite < 0).any()) if vmin is None else vmin < 0)
-    if vmin is None and vmax is None and signed:
-        vmin, vmax = -limit, limit
-    cmap = "RdBu_r" if signed else "viridis"
-    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xlabel(col_label)
-    ax.set_ylabel(row_label)
-    ax.set_xticks(range(values.shape[1]))
-    ax.set_yticks(range(values.shape[0]))
-    ax.set_title(title, fontsize=10, wrap=True)
-    if values.numel() <= ANNOTATE_CELLS:
-        low, high = image.get_clim()
-        for (i, j), value in zip(
-            ((i, j) for i in range(values.shape[0]) for j in range(values.shape[1])), values.flatten(), strict=True
-        ):
-            if not torch.isfinite(value):
-                continue
-            shade = (float(value) - low) / ((high - low) or 1.0)
-            dark = abs(shade - 0.5) > 0.3 if signed else shade < 0.6  # the ends of RdBu, the low end of viridis
-            ax.text(j, i, f"{float(value):.2g}", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")  # fmt: skip
-    if colorbar_on:
-        ax.figure.colorbar(image, ax=ax, label=colorbar)
-    return image

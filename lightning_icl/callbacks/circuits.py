@@ -10,6 +10,7 @@ import torch
 
 from lightning_icl.checks import check_choice, check_number, check_positive, is_integer
 from lightning_icl.interventions import ABLATIONS, ablation_effects, head_attribution
+from lightning_icl.plotting import circuits_figure
 
 from .base import ICLCallback
 
@@ -181,35 +182,4 @@ class CircuitOverlap(ICLCallback):
         return out
 
     def figure(self, record):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = record["families"]
-        n_l, n_h = torch.tensor(record["effects"][names[0]]).shape
-        membership = torch.zeros(n_l, n_h)
-        for heads in record["top_heads"].values():
-            for layer, head in heads:
-                membership[layer, head] += 1
-        fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 0.4 * len(names) + 0.5 * n_h, 3.6))
-        draw_jaccard(left, record)
-        im = right.imshow(membership, vmin=0, vmax=len(names), cmap="magma")
-        right.set_xlabel("head")
-        right.set_ylabel("layer")
-        right.set_xticks(range(n_h))
-        right.set_yticks(range(n_l))
-        right.set_title(f"families whose circuit holds the head (step {record['step']})", fontsize=9)
-        fig.colorbar(im, ax=right, label="number of families")
-        fig.tight_layout()
-        return fig
-
-
-def draw_jaccard(ax, record: dict) -> None:
-    """The families' pairwise Jaccard matrix of a ``CircuitOverlap`` record on ``ax``."""
-    names = record["families"]
-    image = ax.imshow(torch.tensor(record["jaccard"]), vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_title(f"Jaccard of top {record['top_fraction']:.0%} heads (step {record['step']})", fontsize=9)
-    ax.figure.colorbar(image, ax=ax, label="Jaccard index")
+        return circuits_figure(record)

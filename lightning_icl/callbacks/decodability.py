@@ -16,8 +16,9 @@ from lightning_icl.metrics.functional import (
     ridge_probe_accuracy,
     stratified_halves,
 )
+from lightning_icl.plotting import decodability_figure
 
-from .base import ICLCallback, draw_heatmap
+from .base import ICLCallback
 
 
 class ConceptDecodability(ICLCallback):
@@ -150,65 +151,3 @@ class ConceptDecodability(ICLCallback):
 
     def figure(self, record):
         return decodability_figure(self.history)
-
-
-def decodability_figure(records: list[dict]):
-    """Decodability per layer at the latest evaluation, against its baselines (bootstrap interval,
-    label-permutation band, chance), by shot when measured, and per layer over training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    last = records[-1]
-    n_layers = len(last["cd"])
-    layers = list(range(n_layers))
-    by_shot = bool(last.get("cd_by_shot"))
-    ratios = [1.2, 1.2, 1.6] if by_shot else [1.2, 1.6]
-    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), gridspec_kw={"width_ratios": ratios})
-    ax = axes[0]
-    cd = torch.tensor(last["cd"])
-    if last.get("cd_interval"):
-        interval = torch.tensor(last["cd_interval"])
-        ax.errorbar(layers, cd, yerr=torch.stack([cd - interval[:, 0], interval[:, 1] - cd]).clamp_min(0),
-                    fmt="o-", capsize=3, label="kNN, 95% bootstrap interval")  # fmt: skip
-    else:
-        ax.plot(layers, cd, "o-", label="kNN")
-    if last.get("probe"):
-        ax.plot(layers, last["probe"], "s--", label="ridge probe (held out)")
-    if last.get("cd_permutation_high"):
-        ax.fill_between(layers, last["cd_permutation"], last["cd_permutation_high"], color="grey", alpha=0.3,
-                        step="mid", label="shuffled labels (mean to 95%)")  # fmt: skip
-    chance = last.get("chance", 1 / len(last["concepts"]) if last.get("concepts") else None)
-    if chance is not None:
-        ax.axhline(chance, color="black", ls=":", lw=1, label=f"chance ({chance:.2g})")
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("concept decodability")
-    ax.set_title(f"step {last['step']}, {last['num_points']} points (k = {last.get('k', 10)})", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
-    if by_shot:
-        shots = axes[1]
-        for layer, row in enumerate(last["cd_by_shot"]):
-            shots.plot(range(len(row)), row, ".-", label=f"layer {layer}")
-        if chance is not None:
-            shots.axhline(chance, color="black", ls=":", lw=1, label="chance")
-        shots.set_ylim(0, 1.02)
-        shots.set_xlabel("shot (examples before the answer)")
-        shots.xaxis.get_major_locator().set_params(integer=True)
-        shots.set_ylabel("concept decodability")
-        shots.set_title("by shot", fontsize=10)
-        shots.legend(fontsize=7, loc="upper left")
-        shots.grid(alpha=0.3)
-    over = axes[-1]
-    steps = [r["step"] for r in records]
-    values = torch.tensor([r["cd"] for r in records]).T  # [L, evaluations]
-    draw_heatmap(over, values, "over training", "concept decodability", "layer", "optimizer step", vmin=0.0, vmax=1.0)
-    every = max(1, len(steps) // 12)
-    over.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], rotation=45, fontsize=7)
-    fig.suptitle("concept decodability (leave-one-out kNN over the residual stream before the last answer)",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    return fig

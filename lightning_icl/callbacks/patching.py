@@ -16,6 +16,7 @@ from lightning_icl.interventions.patching import (
     function_vector_effects,
     query_head_means,
 )
+from lightning_icl.plotting import patching_figure
 
 from .base import ICLCallback, reduce_padded
 
@@ -186,39 +187,7 @@ class ConceptPatching(ICLCallback):
         return out
 
     def figure(self, record):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        layers = record["layers"]
-        has_fv = "fv_effect" in record
-        fig, axes = plt.subplots(1, 2 if has_fv else 1, figsize=(10 if has_fv else 5, 3.8), squeeze=False)
-        ax = axes[0, 0]
-        ax.axhline(record["loss/clean"], color="black", lw=1, label="clean")
-        ax.plot(layers, record["loss/own"], "o-", label="own concept patched")
-        ax.plot(layers, record["loss/other"], "s-", label="other concept patched")
-        if "loss/zero_shot" in record:
-            ax.axhline(record["loss/zero_shot"], color="grey", ls="--", lw=1, label="zero-shot")
-            ax.plot(layers, record["loss/zero_shot_patched"], "^-", label="zero-shot, own concept patched")
-        ax.set_xlabel("layer patched")
-        ax.set_ylabel("loss at the last answer")
-        ax.set_xticks(layers)
-        ax.set_title(f"concept patching at the final query (step {record['step']})", fontsize=9)
-        ax.legend(fontsize=7)
-        if has_fv:
-            right = axes[0, 1]
-            values = torch.tensor(record["fv_effect"])
-            limit = float(values.abs().max()) or 1.0
-            image = right.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
-            right.set_xlabel("head")
-            right.set_ylabel("layer")
-            right.set_xticks(range(values.shape[1]))
-            right.set_yticks(range(values.shape[0]))
-            right.set_title("function-vector indirect effect (shuffled answers)", fontsize=9)
-            fig.colorbar(image, ax=right, label="p(answer) gained" if "prob/clean" in record else "loss removed")
-        fig.tight_layout()
-        return fig
+        return patching_figure(record)
 
 
 def _expected_keys(zero_shot: bool) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_icl.checks import check_number
-from lightning_icl.plotting import plot_keep_frequency
+from lightning_icl.plotting import KEEP_FREQUENCY_DPI, keep_frequency_figure, save
 
 
 def keep_frequency(masks: Sequence[Tensor]) -> Tensor:
@@ -145,7 +145,7 @@ def write_core_report(summary: dict, out: str) -> list[str]:
         f.write(_markdown(summary, rows, splits))
     with open(paths[2], "w") as f:
         json.dump(summary, f, indent=1)
-    plot_keep_frequency(summary, paths[3])
+    save(keep_frequency_figure(summary), paths[3], KEEP_FREQUENCY_DPI)
     return paths
 
 
