@@ -2,8 +2,10 @@
 
 An :class:`Adapter` runs a LightningModule's model on a batch with a
 :class:`~lightning_icl.capture.CaptureSpec` and optional head gates, scores the
-outputs at the answer positions, and exposes hooks into the training step (a
-capture to keep, gates whose gradient gives head attributions). The package's own
+outputs at the answer positions, names the model's hook points (the hook-point names of
+:mod:`lightning_icl.hooks`, on whatever modules hold those activations), and registers
+hooks into the training step (a capture to keep, gates whose gradient gives head
+attributions) whose handles it holds until they are set to ``None``. The package's own
 :class:`~lightning_icl.ICLModule` has :class:`ICLModuleAdapter`; Hugging Face
 decoders and any model with a per-head output projection have
 :class:`~lightning_icl.adapters.hooks.HookAdapter` and its subclasses.
@@ -129,7 +131,7 @@ class Adapter(ABC):
     # ---- hooks into the training step -------------------------------------------------
     @abstractmethod
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
-        """Ask the next training forwards to keep ``spec`` (``None`` stops)."""
+        """Register hooks that keep ``spec`` in the training forwards from now on (``None`` removes them)."""
 
     @abstractmethod
     def training_capture(self) -> Capture | None:
@@ -137,7 +139,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def set_training_gates(self, gates: Tensor | None) -> None:
-        """Gates ``[L, H]`` (ones, requiring grad) applied in the training forwards."""
+        """Register gates ``[L, H]`` (ones, requiring grad) on the training forwards (``None`` removes them)."""
 
 
 def _split_copies(scored: Scored, n: int) -> Scored:
