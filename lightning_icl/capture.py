@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from lightning_icl.checks import check_flag, index_list, is_integer
+from lightning_icl.hooks import HookFn
 from lightning_icl.kernels import SUPPORTED_STATS
 from lightning_icl.kernels.torch_attention import select_rows
 
@@ -140,3 +142,32 @@ class Capture:
 def gather_positions(x: Tensor, positions: Tensor, dim: int) -> Tensor:
     """Select ``positions`` ``[B, P]`` along the sequence axis ``dim`` of ``x`` ``[B, ..., T, ...]``."""
     return select_rows(x, positions, dim)
+
+
+def capture_hooks(
+    spec: CaptureSpec, layers: Sequence[int], target: Callable[[], Capture], qk: bool = True
+) -> dict[str, list[HookFn]]:
+    """Hooks that keep what ``spec`` asks for at ``layers`` in the capture ``target()`` returns.
+
+    Residual streams are read at ``blocks.{l}.hook_resid_post``, head outputs at ``blocks.{l}.attn.hook_z``
+    (``[B, H, T, Dh]``; these hooks go before any gating hook on the same point), queries and keys at
+    ``blocks.{l}.attn.hook_q`` / ``hook_k`` (``qk=False``: left to the attention pass, as on Hugging Face
+    models). Statistics are not activations: the attention pass returns them.
+    """
+    hooks: dict[str, list[HookFn]] = {}
+    for layer in layers:
+        if spec.residual:
+            hooks[f"blocks.{layer}.hook_resid_post"] = [partial(_keep, target, "residual", layer, 1)]
+        if spec.heads:
+            hooks[f"blocks.{layer}.attn.hook_z"] = [partial(_keep, target, "heads", layer, 2)]
+        if spec.qk and qk:
+            hooks[f"blocks.{layer}.attn.hook_q"] = [partial(_keep, target, "q", layer, None)]
+            hooks[f"blocks.{layer}.attn.hook_k"] = [partial(_keep, target, "k", layer, None)]
+    return hooks
+
+
+def _keep(target: Callable[[], Capture], kind: str, layer: int, dim: int | None, x: Tensor) -> None:
+    """Store ``x`` (at the capture's positions along ``dim``; every position for ``None``)."""
+    capture = target()
+    x = x.detach()
+    getattr(capture, kind)[layer] = x if dim is None else gather_positions(x, capture.positions, dim=dim)

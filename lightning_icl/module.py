@@ -48,11 +48,6 @@ class ICLTaskModule(L.LightningModule):
         self.eval_metrics = nn.ModuleDict(
             {split: nn.ModuleDict({name: PerShotMean(info.num_shots) for name in names}) for split in info.eval_splits}
         )
-        # Callbacks may ask the training step to capture activations; the result is kept here.
-        self.train_capture_spec: CaptureSpec | None = None
-        self.last_capture: Capture | None = None
-        # Attribution callbacks set gates [L, H] (ones, requiring grad) used by the training forward.
-        self.train_head_gates: Tensor | None = None
         self.last_eval: dict[str, float] = {}
         # every evaluation of the fit: {"step", "stage", "results", "curves"}; saved with checkpoints
         self.eval_history: list[dict] = []
@@ -71,7 +66,8 @@ class ICLTaskModule(L.LightningModule):
         return (outputs[..., 0].float() - targets.float()) ** 2, None
 
     def training_step(self, batch: ICLBatch, batch_idx: int) -> Tensor:
-        outputs, self.last_capture = self(batch, capture=self.train_capture_spec, head_gates=self.train_head_gates)
+        # a callback's capture or gates reach this call through the adapter's hooks on the module
+        outputs, _ = self(batch)
         loss, correct = self.per_position_loss(outputs, batch)
         loss = loss.mean()
         if self._trainer is not None:

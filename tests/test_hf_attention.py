@@ -311,3 +311,31 @@ def test_attention_statistics_on_a_users_hf_model(tmp_path):
     assert [r["step"] for r in attention.history] == [2, 4]
     assert torch.tensor(attention.history[-1]["entropy"]).shape == (2, 4)
     assert torch.tensor(attention.history[-1]["previous_token"]).shape == (2, 4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("implementation", ["eager", "lightning_icl"])
+def test_hook_point_names_of_the_package_model_work_on_hf_models(family, implementation):
+    eager, ours = pair(FAMILIES[family]())
+    model = eager if implementation == "eager" else ours
+    adapter = HFCausalLMAdapter.from_model(L.LightningModule(), model.eval())
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.hook_z", "hook_mlp_out", "hook_resid_post")]
+    assert adapter.hook_points() == names
+    ids = torch.randint(1, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids}
+    seen = {}
+    zero_head = lambda z: torch.cat([torch.zeros_like(z[:, :1]), z[:, 1:]], dim=1)
+    with torch.no_grad():
+        with adapter.hooks(
+            {"blocks.1.hook_resid_post": lambda h: seen.setdefault("resid", h), "blocks.0.attn.hook_z": zero_head}
+        ):
+            hooked = model(input_ids=ids).logits
+        gates = torch.ones(2, adapter.n_heads)
+        gates[0, 0] = 0.0
+        gated, cap = adapter.forward(
+            batch, capture=CaptureSpec(residual=True, layers=[1], positions="all"), head_gates=gates
+        )
+    torch.testing.assert_close(hooked, gated)
+    torch.testing.assert_close(seen["resid"], cap.residual[1])
+    counts = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    assert sum(counts) == 0  # every handle removed

@@ -122,14 +122,16 @@ def test_checkpoint_resume_continues_with_identical_metrics(tmp_path):
 
 def test_training_step_capture_for_callbacks(modular_data):
     from lightning_icl import CaptureSpec
+    from lightning_icl.adapters import ICLModuleAdapter
 
     module = tiny_module(modular_data)
+    adapter = ICLModuleAdapter(module)
     batch = modular_data.train_sampler()(torch.Generator().manual_seed(0), 0)
     module.training_step(batch, 0)
-    assert module.last_capture is None
-    module.train_capture_spec = CaptureSpec(stats=("class_mass", "same_label_mass"), residual=True, layers=[-1])
+    assert adapter.training_capture() is None
+    adapter.set_training_capture(CaptureSpec(stats=("class_mass", "same_label_mass"), residual=True, layers=[-1]))
     module.training_step(batch, 0)
-    cap = module.last_capture
+    cap = adapter.training_capture()
     assert list(cap.stats) == [1] and list(cap.residual) == [1]
     assert cap.stats[1]["class_mass"].shape == (16, 2, 1, 3)  # x, y, z token classes
     torch.testing.assert_close(cap.stats[1]["class_mass"].sum(-1), torch.ones(16, 2, 1))

@@ -46,11 +46,11 @@ def test_patching_the_residual_with_itself_changes_nothing_and_only_downstream_p
     vec = torch.randn(len(batch), 32)
     with torch.no_grad(), patched_residual(adapter, 1, last, vec):
         out, _ = module(batch)
-    torch.testing.assert_close(out[rows, last], module.model._read_out(vec))
+    torch.testing.assert_close(out[rows, last], module.model.read_outputs(vec))
     # adding
     with torch.no_grad(), patched_residual(adapter, 1, last, vec, add=True):
         out, _ = module(batch)
-    torch.testing.assert_close(out[rows, last], module.model._read_out(cap.residual[1][:, 0] + vec))
+    torch.testing.assert_close(out[rows, last], module.model.read_outputs(cap.residual[1][:, 0] + vec))
 
 
 def test_patching_a_head_at_one_position_equals_gating_it_to_a_per_position_value():

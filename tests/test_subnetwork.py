@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl import ICLBatch, ICLModule
+from lightning_icl.adapters import ICLModuleAdapter
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.pruning import SubnetworkPruning, heuristic_core
 from lightning_icl.tasks.base import ICLDataModule, TaskInfo
@@ -75,10 +76,11 @@ def planted(tmp_path_factory):
     )
     gates = torch.zeros(1, 4)
     gates[PLANTED] = 1.0
-    module.train_head_gates = gates
+    adapter = ICLModuleAdapter(module)
+    adapter.set_training_gates(gates)
     trainer = L.Trainer(**trainer_kwargs(tmp_path_factory.mktemp("planted"), max_steps=200, logger=False))
     trainer.fit(module, data)
-    module.train_head_gates = None
+    adapter.set_training_gates(None)
     return module, data
 
 

@@ -1,16 +1,24 @@
 """Adapters for models the package did not build, through PyTorch module hooks.
 
 :class:`HookAdapter` works for any decoder whose attention ends in a per-head output
-projection: the input of that projection is the concatenation of the heads' outputs
-z ``[B, T, H * Dh]``, so a forward pre-hook on it can read z (capture) and replace it
-(gating), and a forward hook on each block reads the residual stream. The hooks are
-inert unless the adapter has state for the current call, so an attached adapter
-leaves every other forward of the model untouched.
+projection. It exposes the hook-point names of :class:`~lightning_icl.models.ICLTransformer`
+(:mod:`lightning_icl.hooks`) on the model's own modules, so code written against those names
+(capture, gating, patching) runs on both:
 
-:class:`HFCausalLMAdapter` finds the projections and blocks of Hugging Face GPT-2 and
+- ``blocks.{l}.attn.hook_z``: the input of layer l's output projection, the heads' outputs,
+  seen by hooks as ``[B, H, T, Dh]`` (the projection gets it back as ``[B, T, H * Dh]``);
+- ``blocks.{l}.hook_resid_post``: the output of block l (a tensor, or a tuple's first element);
+- ``blocks.{l}.hook_mlp_out``: the output of block l's MLP, where the adapter is given the MLPs.
+
+Nothing is registered on the model unless asked: :meth:`HookAdapter.forward` registers its
+hooks for its own call, and a training-step capture or gate is a registration the adapter
+holds until it is set to ``None`` (or :meth:`HookAdapter.detach`).
+
+:class:`HFCausalLMAdapter` finds the projections, blocks and MLPs of Hugging Face GPT-2 and
 Llama-style decoders. A model on ``attn_implementation="lightning_icl"`` (see
 :mod:`lightning_icl.hf`) also gives attention statistics and queries/keys (``native_stats``):
-the attention function hands them to the adapter from the very pass that computes the output.
+the attention function hands them to a listener of the capture from the very pass that
+computes the output.
 
 Batches are mappings (e.g. dicts or ``BatchEncoding``)::
 
@@ -22,9 +30,8 @@ Batches are mappings (e.g. dicts or ``BatchEncoding``)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning as L
@@ -33,27 +40,68 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_icl.capture import Capture, CaptureSpec, gather_positions
-from lightning_icl.interventions.gating import gate_heads
+from lightning_icl.capture import Capture, CaptureSpec, capture_hooks
+from lightning_icl.hooks import HookFn, HookHandles, add_hooks
+from lightning_icl.interventions.gating import check_ablate_with, check_head_gates, gating_hooks
 
 from .base import Adapter, Scored
 
 IGNORE_INDEX = -100  # Hugging Face's "not scored" label
 
 
-@dataclass
-class _State:
-    """What the hooks do during one forward (``forward()``) or every training forward."""
+class _Recording:
+    """Where one capture goes: the ``Capture`` of the current model call and that call's input ids."""
 
-    spec: CaptureSpec | None = None
-    layers: frozenset[int] = frozenset()
-    gates: Tensor | None = None  # [L, H] or [B, L, H]
-    ablate_with: str | Tensor | None = None
-    capture: Capture | None = None
+    def __init__(self, spec: CaptureSpec, n_layers: int) -> None:
+        self.spec, self.layers = spec, frozenset(spec.resolve_layers(n_layers))
+        self.capture: Capture | None = None
+        self.input_ids: Tensor | None = None
 
-    @property
-    def inert(self) -> bool:
-        return self.spec is None and self.gates is None
+    def start(self, input_ids: Tensor) -> None:
+        """A fresh capture for a call on ``input_ids`` ``[B, T]``."""
+        b, t = input_ids.shape[:2]
+        self.capture = Capture(positions=self.spec.resolve_positions(b, t, input_ids.device))
+        self.input_ids = input_ids
+
+
+class _StatListener:
+    """Receives the statistics and queries/keys a recording asks of the package's attention (``lightning_icl.hf``)."""
+
+    def __init__(self, adapter: HookAdapter, recording: _Recording) -> None:
+        self.adapter, self.recording = adapter, recording
+
+    def request(self, layer: int, batch: int, seq_len: int, device: torch.device):
+        from lightning_icl.hf import StatRequest
+
+        rec = self.recording
+        spec = rec.spec
+        if not (spec.stats or spec.qk) or layer not in rec.layers or rec.capture is None:
+            return None
+        inputs = self.adapter._stat_inputs
+        query_label = inputs.get("query_label")
+        if query_label is None and "same_label_mass" in spec.stats:
+            query_label = rec.input_ids
+        if "class_mass" in spec.stats and inputs.get("key_class") is None:
+            raise ValueError(
+                "CaptureSpec stats 'class_mass' needs the token class of every key, which these batches do not give; "
+                f"ask {type(self.adapter).__name__} for the other statistics"
+            )
+        return StatRequest(
+            stats=tuple(spec.stats),
+            positions=rec.capture.positions,
+            key_class=inputs.get("key_class"),
+            num_classes=inputs.get("num_classes", 0),
+            query_label=query_label,
+            qk=spec.qk,
+        )
+
+    def deliver(self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None, scale: float) -> None:
+        cap = self.recording.capture
+        if stats:
+            cap.stats[layer] = stats
+        if q is not None:
+            cap.q[layer], cap.k[layer] = q, k
+            cap.scale[layer] = scale
 
 
 class HookAdapter(Adapter):
@@ -64,18 +112,20 @@ class HookAdapter(Adapter):
         model: the ``nn.Module`` to call as ``model(input_ids=..., attention_mask=...)``; it
             returns logits ``[B, T, V]`` or an object with ``.logits``.
         out_projs: ``out_projs[l]`` is layer l's attention output projection; its input is
-            the concatenated head outputs z ``[B, T, H * Dh]``.
+            the concatenated head outputs z ``[B, T, H * Dh]`` (hook point ``blocks.{l}.attn.hook_z``).
         blocks: ``blocks[l]`` is the block whose output (a tensor, or a tuple whose first
-            element is the tensor) is the residual stream ``[B, T, D]`` after layer l.
+            element is the tensor) is the residual stream ``[B, T, D]`` after layer l
+            (``blocks.{l}.hook_resid_post``).
         n_heads: attention heads per layer.
         head_dim: per-head width; inferred from the projection's input width when ``None``.
+        mlps: optional; ``mlps[l]``'s output ``[B, T, D]`` is layer l's MLP output (``blocks.{l}.hook_mlp_out``).
 
-    Hooks are registered by :meth:`attach` (or ``with adapter:``) and removed by
-    :meth:`detach`. :meth:`forward` attaches them for its own call when they are not
-    attached; :meth:`set_training_capture` and :meth:`set_training_gates` attach them and
-    leave them attached, since they act on forwards the adapter does not run.
-    Attention statistics are not available (``native_stats = False``) unless the model runs on
-    the package's attention (:class:`HFCausalLMAdapter` on ``"lightning_icl"``).
+    :meth:`forward` registers its hooks for its own call only. :meth:`set_training_capture` and
+    :meth:`set_training_gates` register hooks that act on every later call of the model (the
+    forwards of the user's training step, which the adapter does not run) and hold their handles
+    until set to ``None``; a :meth:`forward` call sets them aside for its duration, so they
+    never leak into it. Attention statistics are not available (``native_stats = False``) unless
+    the model runs on the package's attention (:class:`HFCausalLMAdapter` on ``"lightning_icl"``).
     """
 
     native_stats = False
@@ -90,154 +140,73 @@ class HookAdapter(Adapter):
         blocks: list[nn.Module],
         n_heads: int,
         head_dim: int | None = None,
+        mlps: list[nn.Module] | None = None,
     ) -> None:
         super().__init__(module)
         if len(out_projs) != len(blocks):
             raise ValueError(f"got {len(out_projs)} out_projs but {len(blocks)} blocks; need one of each per layer")
         if not out_projs:
             raise ValueError("out_projs and blocks are empty; need one of each per layer")
+        if mlps is not None and len(mlps) != len(blocks):
+            raise ValueError(f"got {len(mlps)} mlps for {len(blocks)} blocks; give one per layer or none")
         self.model = model
         self.out_projs, self.blocks = list(out_projs), list(blocks)
+        self.mlps = None if mlps is None else list(mlps)
         self.n_layers, self.n_heads = len(out_projs), n_heads
         self.head_dim = head_dim if head_dim is not None else _infer_head_dim(out_projs[0], n_heads)
-        self._handles: list[RemovableHandle] = []
-        self._call: _State | None = None  # set by forward() for one call only
-        self._train = _State()  # applies to every other forward while set
-        self._copy_rows: int | None = None  # rows per copy while score_variants runs a replicated batch
         # what the statistics read besides q, k: query_label (the model's input ids), key_class, num_classes
         self._stat_inputs: dict[str, Any] = {}
-        self._listening = False
+        # training-step requests, kept so a forward() call can set their hooks aside and restore them
+        self._train_spec: CaptureSpec | None = None
+        self._train_gates: Tensor | None = None
+        self._train_recording: _Recording | None = None
+        self._train_handles: list[HookHandles] = []
 
-    # ---- hooks --------------------------------------------------------------------------
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+    # ---- hook points --------------------------------------------------------------------
+    def hook_registrars(self) -> dict[str, Callable[[HookFn], RemovableHandle]]:
+        registrars: dict[str, Callable[[HookFn], RemovableHandle]] = {}
+        for layer in range(self.n_layers):
+            registrars[f"blocks.{layer}.attn.hook_z"] = lambda fn, proj=self.out_projs[layer]: self._hook_z(proj, fn)
+            if self.mlps is not None:
+                registrars[f"blocks.{layer}.hook_mlp_out"] = lambda fn, m=self.mlps[layer]: _hook_output(m, fn)
+            registrars[f"blocks.{layer}.hook_resid_post"] = lambda fn, b=self.blocks[layer]: _hook_output(b, fn)
+        return registrars
 
-    def attach(self) -> HookAdapter:
-        """Register the hooks (once; attaching again does nothing), and on the package's attention listen
-        to its statistics."""
-        if not self._handles:
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-            for layer, (proj, block) in enumerate(zip(self.out_projs, self.blocks, strict=True)):
-                hook = partial(self._on_out_proj, layer)
-                self._handles.append(proj.register_forward_pre_hook(hook, with_kwargs=True))
-                self._handles.append(block.register_forward_hook(partial(self._on_block, layer)))
-        if self.native_stats and not self._listening:
-            from lightning_icl import hf
+    def _hook_z(self, proj: nn.Module, fn: HookFn) -> RemovableHandle:
+        """``fn`` on the projection's input as ``[B, H, T, Dh]``; its result goes back as ``[B, T, H * Dh]``."""
 
-            hf.listen(self.model, self)
-            self._listening = True
-        return self
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # The heads' concatenation is the projection's only input, positional or by keyword.
+            key = None if args else next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            z = args[0] if key is None else kwargs[key]
+            b, t = z.shape[:2]
+            y = fn(z.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2))
+            if y is None:
+                return None
+            y = y.transpose(1, 2).reshape(z.shape)
+            return ((y, *args[1:]), kwargs) if key is None else (args, {**kwargs, key: y})
 
-    def detach(self) -> None:
-        """Remove every hook this adapter registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._listening:
-            from lightning_icl import hf
+        return proj.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-            hf.unlisten(self)
-            self._listening = False
-
-    def __enter__(self) -> HookAdapter:
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
-    def _active(self) -> _State:
-        # A forward() call takes precedence: training gates and captures must not leak into it.
-        return self._call if self._call is not None else self._train
-
-    def _on_model_call(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        # Each training forward starts a fresh capture; its positions are resolved from the
-        # first activation the hooks see (the batch shape is only known then).
-        if self._call is None and self._train.spec is not None:
-            self._train.capture = None
-        self._model_input_ids = kwargs.get("input_ids", args[0] if args else None)
-
-    def _capture(self, state: _State, layer: int, x: Tensor) -> Capture | None:
-        """The capture to write layer ``layer`` into, created from ``x`` ``[B, T, ...]`` if needed."""
-        return self._capture_for(state, layer, x.shape[0], x.shape[1], x.device)
-
-    def _capture_for(self, state: _State, layer: int, b: int, t: int, device: torch.device) -> Capture | None:
-        if state.spec is None or layer not in state.layers:
-            return None
-        if state.capture is None:
-            state.capture = Capture(positions=state.spec.resolve_positions(b, t, device))
-        return state.capture
-
-    # ---- statistics from the attention function (models on "lightning_icl") -----------
-    def request(self, layer: int, batch: int, seq_len: int, device: torch.device):
-        """What layer ``layer``'s attention should compute for the current capture (``None``: nothing)."""
-        from lightning_icl.hf import StatRequest
-
-        state = self._active()
-        spec = state.spec
-        if spec is None or not (spec.stats or spec.qk) or layer not in state.layers:
-            return None
-        cap = self._capture_for(state, layer, batch, seq_len, device)
-        inputs = self._stat_inputs
-        query_label = inputs.get("query_label")
-        if query_label is None and "same_label_mass" in spec.stats:
-            query_label = getattr(self, "_model_input_ids", None)
-        if "class_mass" in spec.stats and inputs.get("key_class") is None:
-            raise ValueError(
-                "CaptureSpec stats 'class_mass' needs the token class of every key, which these batches do not give; "
-                f"ask {type(self).__name__} for the other statistics"
-            )
-        return StatRequest(
-            stats=tuple(spec.stats),
-            positions=cap.positions,
-            key_class=inputs.get("key_class"),
-            num_classes=inputs.get("num_classes", 0),
-            query_label=query_label,
-            qk=spec.qk,
+    def _record(self, recording: _Recording) -> HookHandles:
+        """Hooks that keep ``recording``'s capture; on the package's attention also its statistics."""
+        handles = add_hooks(
+            capture_hooks(recording.spec, sorted(recording.layers), lambda: recording.capture, qk=False),
+            self.hook_registrars(),
         )
+        if self.native_stats and (recording.spec.stats or recording.spec.qk):
+            from lightning_icl import hf
 
-    def deliver(self, layer: int, stats: dict[str, Tensor], q: Tensor | None, k: Tensor | None, scale: float) -> None:
-        cap = self._active().capture
-        if stats:
-            cap.stats[layer] = stats
-        if q is not None:
-            cap.q[layer], cap.k[layer] = q, k
-            cap.scale[layer] = scale
+            listener = _StatListener(self, recording)
+            hf.listen(self.model, listener)
+            handles.handles.append(_Call(lambda: hf.unlisten(listener)))
+        return handles
 
     def missing_stats(self, stats: tuple[str, ...]) -> list[str]:
         """The statistics among ``stats`` this adapter cannot capture."""
         if not self.native_stats:
             return list(stats)
         return [] if self.key_classes else [s for s in stats if s == "class_mass"]
-
-    def _on_out_proj(self, layer: int, proj: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self._active()
-        if state.inert:
-            return None
-        # The heads' concatenation is the projection's only input, positional or by keyword.
-        key = None if args else next(k for k, v in kwargs.items() if isinstance(v, Tensor))
-        z = args[0] if key is None else kwargs[key]
-        b, t = z.shape[:2]
-        zh = z.reshape(b, t, self.n_heads, self.head_dim)  # [B, T, H, Dh]
-        cap = self._capture(state, layer, z)
-        if cap is not None and state.spec.heads:
-            cap.heads[layer] = gather_positions(zh.detach().transpose(1, 2), cap.positions, dim=2)
-        if state.gates is None:
-            return None
-        mu = state.ablate_with[layer] if isinstance(state.ablate_with, Tensor) else state.ablate_with
-        y = _gate(zh, state.gates[..., layer, :], mu, self._copy_rows if state is self._call else None).reshape(z.shape)
-        if key is None:
-            return (y, *args[1:]), kwargs
-        return args, {**kwargs, key: y}
-
-    def _on_block(self, layer: int, block: nn.Module, args: tuple, output: Any) -> None:
-        state = self._active()
-        if state.spec is None or not state.spec.residual:
-            return
-        h = output[0] if isinstance(output, tuple) else output
-        cap = self._capture(state, layer, h)
-        if cap is not None:
-            cap.residual[layer] = gather_positions(h.detach(), cap.positions, dim=1)
 
     # ---- running the model ------------------------------------------------------------
     def forward(
@@ -266,26 +235,22 @@ class HookAdapter(Adapter):
     ) -> tuple[Tensor, Capture | None]:
         b, t = input_ids.shape[:2]
         self._check_spec(capture)
-        gates = self._check_gates(head_gates, b)
-        if gates is not None:
-            self._check_ablate_with(ablate_with, t)
-        state = _State(gates=gates, ablate_with=ablate_with)
-        if capture is not None:
-            state.spec, state.layers = capture, frozenset(capture.resolve_layers(self.n_layers))
-            state.capture = Capture(positions=capture.resolve_positions(b, t, input_ids.device))
-        temporary = not self.attached
-        self.attach()
-        self._call = state
-        try:
+        check_head_gates(head_gates, self.n_layers, self.n_heads, b)
+        if head_gates is not None:
+            check_ablate_with(ablate_with, self.n_layers, self.n_heads, self.head_dim, t)
+        recording = None
+        with self._training_set_aside(), ExitStack() as stack:
+            if capture is not None:
+                recording = _Recording(capture, self.n_layers)
+                recording.start(input_ids)
+                stack.callback(self._record(recording).remove)
+            if head_gates is not None:
+                stack.enter_context(self.hooks(gating_hooks(self.n_layers, head_gates, ablate_with)))
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        finally:
-            self._call = None
-            if temporary:
-                self.detach()
         logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
         if logits is None:
             raise TypeError(f"model returned {type(out).__name__}; expected a logits tensor or an object with .logits")
-        return logits, state.capture
+        return logits, None if recording is None else recording.capture
 
     def _check_spec(self, spec: CaptureSpec | None) -> None:
         """Hooks see head outputs and block outputs only (and, on the package's attention, statistics and
@@ -310,28 +275,6 @@ class HookAdapter(Adapter):
             raise ValueError(
                 f"CaptureSpec(qk=True) needs the package's attention; {type(self).__name__} can capture heads and "
                 "residual only"
-            )
-
-    def _check_gates(self, gates: Tensor | None, batch: int) -> Tensor | None:
-        if gates is None:
-            return None
-        shape = tuple(gates.shape)
-        lh = (self.n_layers, self.n_heads)
-        if shape not in (lh, (batch, *lh)):
-            raise ValueError(f"head_gates must be [L, H] = {lh} or [B, L, H] = {(batch, *lh)}, got {shape}")
-        return gates
-
-    def _check_ablate_with(self, ablate_with: str | Tensor | None, seq_len: int) -> None:
-        if ablate_with is None or isinstance(ablate_with, str):
-            if ablate_with not in (None, "zero", "resample"):
-                raise ValueError(f"ablate_with must be None, 'zero', 'resample' or a tensor, got {ablate_with!r}")
-            return
-        lh, shape = (self.n_layers, self.n_heads), tuple(ablate_with.shape)
-        ok = ablate_with.dim() in (3, 4) and shape[:2] == lh and shape[-1] == self.head_dim
-        if not ok or (ablate_with.dim() == 4 and shape[2] < seq_len):
-            raise ValueError(
-                f"ablate_with must be [L, H, Dh] = {(*lh, self.head_dim)} or [L, H, T, Dh] with T >= {seq_len}, "
-                f"got {shape}"
             )
 
     # ---- scoring and batches ----------------------------------------------------------
@@ -391,45 +334,59 @@ class HookAdapter(Adapter):
             for k, v in batch.items()
         }
 
-    def score_variants(
-        self, batch: Mapping[str, Any], head_gates: Tensor, ablate_with: str | Tensor | None = None
-    ) -> tuple[Scored, Scored]:
-        """The replicated forward of :meth:`Adapter.score_variants`; ``"resample"`` stays within each copy."""
-        self._copy_rows = self.batch_size(batch)
-        try:
-            return super().score_variants(batch, head_gates, ablate_with)
-        finally:
-            self._copy_rows = None
-
-    def residual_module(self, layer: int) -> nn.Module:
-        return self.blocks[layer]
-
-    def head_output_module(self, layer: int) -> nn.Module:
-        return self.out_projs[layer]
-
     # ---- hooks into the training step -------------------------------------------------
     def set_training_capture(self, spec: CaptureSpec | None) -> None:
-        """Record ``spec`` in every later forward of the model (``None`` stops and drops the last one)."""
+        """Record ``spec`` in every later call of the model (``None`` stops and drops the last one)."""
         self._check_spec(spec)
-        self._train.spec = spec
-        self._train.layers = frozenset(spec.resolve_layers(self.n_layers)) if spec is not None else frozenset()
-        self._train.capture = None
-        if spec is not None:
-            self.attach()
+        self._remove_training()
+        self._train_spec = spec
+        self._train_recording = None if spec is None else _Recording(spec, self.n_layers)
+        self._register_training()
 
     def training_capture(self) -> Capture | None:
-        """The capture of the last model forward since :meth:`set_training_capture`."""
-        return self._train.capture
+        """The capture of the last model call since :meth:`set_training_capture`."""
+        return None if self._train_recording is None else self._train_recording.capture
 
     def set_training_gates(self, gates: Tensor | None) -> None:
-        """Multiply head outputs by ``gates`` ``[L, H]`` in every later forward (``None`` stops)."""
-        if gates is not None and tuple(gates.shape) != (self.n_layers, self.n_heads):
-            raise ValueError(
-                f"training head_gates must be [L, H] = {(self.n_layers, self.n_heads)}, got {tuple(gates.shape)}"
-            )
-        self._train.gates = gates
-        if gates is not None:
-            self.attach()
+        """Gate head outputs by ``gates`` ``[L, H]`` in every later call of the model (``None`` stops)."""
+        check_head_gates(gates, self.n_layers, self.n_heads, None, name="training head_gates")
+        self._remove_training()
+        self._train_gates = gates
+        self._register_training()
+
+    def detach(self) -> None:
+        """Remove the training-step capture and gates: the model runs as if the adapter did not exist."""
+        self._remove_training()
+        self._train_spec = self._train_gates = self._train_recording = None
+
+    def _register_training(self) -> None:
+        rec = self._train_recording
+        if rec is not None:
+
+            def start(model: nn.Module, args: tuple, kwargs: dict) -> None:
+                rec.start(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+
+            pre = self.model.register_forward_pre_hook(start, with_kwargs=True)
+            self._train_handles += [HookHandles([pre]), self._record(rec)]
+        if self._train_gates is not None:
+            self._train_handles.append(self.add_hooks(gating_hooks(self.n_layers, self._train_gates)))
+
+    def _remove_training(self) -> None:
+        for handles in self._train_handles:
+            handles.remove()
+        self._train_handles.clear()
+
+    @contextmanager
+    def _training_set_aside(self) -> Iterator[None]:
+        """No training-step hook acts inside (a :meth:`forward` call gets only its own)."""
+        if not self._train_handles:
+            yield
+            return
+        self._remove_training()
+        try:
+            yield
+        finally:
+            self._register_training()
 
 
 class HFCausalLMAdapter(HookAdapter):
@@ -451,16 +408,18 @@ class HFCausalLMAdapter(HookAdapter):
 
         GPT-2: ``model.transformer.h[i].attn.c_proj`` (a ``Conv1D``), heads ``config.n_head``.
         Llama-style (Llama, Mistral, Qwen2, ...): ``model.model.layers[i].self_attn.o_proj``,
-        heads ``config.num_attention_heads``.
+        heads ``config.num_attention_heads``. Each block's ``mlp`` gives ``hook_mlp_out``.
         """
         config = getattr(model, "config", None)
         gpt2_blocks = getattr(getattr(model, "transformer", None), "h", None)
         llama_blocks = getattr(getattr(model, "model", None), "layers", None)
         if gpt2_blocks is not None and all(hasattr(getattr(b, "attn", None), "c_proj") for b in gpt2_blocks):
             blocks, projs = list(gpt2_blocks), [b.attn.c_proj for b in gpt2_blocks]
+            mlps = [getattr(b, "mlp", None) for b in gpt2_blocks]
             n_heads = getattr(config, "n_head", None)
         elif llama_blocks is not None and all(hasattr(getattr(b, "self_attn", None), "o_proj") for b in llama_blocks):
             blocks, projs = list(llama_blocks), [b.self_attn.o_proj for b in llama_blocks]
+            mlps = [getattr(b, "mlp", None) for b in llama_blocks]
             n_heads = getattr(config, "num_attention_heads", None)
         else:
             raise ValueError(
@@ -470,7 +429,7 @@ class HFCausalLMAdapter(HookAdapter):
             )
         if not blocks or n_heads is None:
             raise ValueError(f"{type(model).__name__}: found no layers or no head count in model.config")
-        return cls(module, model, projs, blocks, int(n_heads))
+        return cls(module, model, projs, blocks, int(n_heads), mlps=mlps if all(m is not None for m in mlps) else None)
 
 
 def _infer_head_dim(proj: nn.Module, n_heads: int) -> int:
@@ -483,8 +442,24 @@ def _infer_head_dim(proj: nn.Module, n_heads: int) -> int:
     return width // n_heads
 
 
-def _gate(z: Tensor, gate: Tensor, ablate_with: str | Tensor | None, group: int | None = None) -> Tensor:
-    """:func:`gate_heads` in the projection's ``[B, T, H, Dh]`` layout."""
-    if isinstance(ablate_with, Tensor):
-        ablate_with = ablate_with.to(device=z.device)
-    return gate_heads(z.transpose(1, 2), gate, ablate_with, group).transpose(1, 2)
+def _hook_output(module: nn.Module, fn: HookFn) -> RemovableHandle:
+    """``fn`` on ``module``'s output (a tensor, or a tuple's first element); its result replaces it."""
+
+    def hook(m: nn.Module, args: tuple, output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        y = fn(h)
+        if y is None:
+            return None
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return module.register_forward_hook(hook)
+
+
+class _Call:
+    """A handle whose ``remove`` calls ``fn`` (for a registration that is not a module hook)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def remove(self) -> None:
+        self.fn()

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from lightning_icl.checks import check_choice, check_optional_positive, check_positive
-from lightning_icl.interventions import ABLATIONS, ablation_effects
+from lightning_icl.checks import check_optional_positive, check_positive
+from lightning_icl.interventions import ablation_effects, check_ablation_mode
 from lightning_icl.plotting import ablation_figure
 
 from .base import ICLCallback, rank_agreement_with
@@ -49,7 +49,7 @@ class HeadAblation(ICLCallback):
         tag: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
-        check_choice("mode", mode, ABLATIONS)
+        check_ablation_mode(mode)
         check_optional_positive("heads_per_forward", heads_per_forward)
         check_positive("top_k", top_k)
         self.mode, self.top_k, self.heads_per_forward = mode, top_k, heads_per_forward

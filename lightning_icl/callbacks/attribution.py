@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lightning_icl.checks import check_choice, check_positive
-from lightning_icl.interventions import ABLATIONS, head_attribution
+from lightning_icl.interventions import check_ablation_mode, head_attribution
 from lightning_icl.plotting import attribution_figure
 
 from .ablation import HeadAblation, top_heads
@@ -59,7 +59,7 @@ class HeadAttribution(ICLCallback):
     ) -> None:
         super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
         check_choice("method", method, ATTRIBUTION_CALLBACK_METHODS)
-        check_choice("mode", mode, ABLATIONS)
+        check_ablation_mode(mode)
         if method == "training" and mode != "zero":
             raise ValueError(f"method='training' estimates zero ablation only; got mode={mode!r} (use mode='zero')")
         check_positive("steps", steps)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lightning_icl.checks import check_choice, check_number, check_positive, is_integer
-from lightning_icl.interventions import ABLATIONS, ablation_effects, head_attribution
+from lightning_icl.interventions import ablation_effects, check_ablation_mode, head_attribution
 from lightning_icl.plotting import circuits_figure
 
 from .base import ICLCallback
@@ -87,7 +87,7 @@ class CircuitOverlap(ICLCallback):
         self.attribution_steps = attribution_steps
         check_number("top_fraction", top_fraction, 0.0, 1.0, low_open=True)
         check_choice("score", score, SCORES)
-        check_choice("mode", mode, ABLATIONS)
+        check_ablation_mode(mode)
         if families is not None:
             if not isinstance(families, Mapping):
                 raise ValueError(f"families must be a mapping name -> loader index or indices, got {families!r}")

@@ -9,15 +9,18 @@ another example's output (resample).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_icl.adapters import Adapter
 from lightning_icl.capture import CaptureSpec
-from lightning_icl.checks import check_choice, check_number, check_optional_positive
+from lightning_icl.checks import check_number, check_optional_positive
 
-ABLATIONS = ("zero", "mean", "resample")
+from .gating import check_ablation_mode
+
+if TYPE_CHECKING:  # the adapters import the gating rule from this package
+    from lightning_icl.adapters import Adapter
 
 
 @dataclass
@@ -40,7 +43,7 @@ def head_means(adapter: Adapter, batch) -> Tensor:
 def ablate_with(adapter: Adapter, batch, mode: str) -> str | Tensor | None:
     """The ``ablate_with`` of an ablation ``mode``: ``None`` (zero), ``"resample"``, or the heads'
     means on ``batch`` (mean)."""
-    check_choice("mode", mode, ABLATIONS)
+    check_ablation_mode(mode)
     return head_means(adapter, batch) if mode == "mean" else {"zero": None, "resample": "resample"}[mode]
 
 
@@ -56,7 +59,7 @@ def ablation_effects(
     positions only); on other models the batch is replicated once per head. ``gate`` is the
     value the ablated head's gate takes (0: full ablation; e.g. 0.95 for a small, partial one).
     """
-    check_choice("mode", mode, ABLATIONS)
+    check_ablation_mode(mode)
     check_optional_positive("heads_per_forward", heads_per_forward)
     check_number("gate", gate, 0.0, 1.0)
     n_l, n_h = adapter.n_layers, adapter.n_heads

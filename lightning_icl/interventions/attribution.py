@@ -7,13 +7,17 @@ in the tests.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from lightning_icl.adapters import Adapter
 from lightning_icl.checks import check_choice, check_optional_positive, check_positive
 
 from .ablation import ablate_with
+
+if TYPE_CHECKING:  # the adapters import the gating rule from this package
+    from lightning_icl.adapters import Adapter
 
 ATTRIBUTION_METHODS = ("integrated", "gradient")
 

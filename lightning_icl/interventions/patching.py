@@ -11,8 +11,10 @@ Two interventions at the *final query* (the token before a sequence's last answe
   ICL prompts is patched into prompts whose demonstration answers were shuffled across shots;
   the *indirect effect* of a head is how much that restores the answer.
 
-Both work through an :class:`~lightning_icl.adapters.Adapter` and forward hooks on the modules
-it names; zero-shot and shuffled-answer prompts are built from batches in either ICL layout: an
+Both work through an :class:`~lightning_icl.adapters.Adapter` and hooks on its hook points
+(``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_z``; :mod:`lightning_icl.hooks`), so on the
+package's models and on Hugging Face ones alike; zero-shot and shuffled-answer prompts are built
+from batches in either ICL layout: an
 :class:`~lightning_icl.tasks.ICLBatch`, or a Hugging Face causal-LM dict (``input_ids`` and
 ``labels`` with -100 everywhere but the answers, as ``ICLBatch.as_causal_lm`` makes them).
 """
@@ -22,14 +24,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_icl.adapters import Adapter
 from lightning_icl.capture import CaptureSpec
 from lightning_icl.checks import check_choice, check_flag, check_number, check_optional_positive, index_list
 from lightning_icl.tasks.batch import ICLBatch
+
+if TYPE_CHECKING:  # the adapters import the gating rule from this package
+    from lightning_icl.adapters import Adapter
 
 
 def final_query(adapter: Adapter, batch) -> Tensor:
@@ -125,42 +130,33 @@ def shuffle_answers(batch, generator: torch.Generator | None = None):
 def patched_residual(
     adapter: Adapter, layer: int, positions: Tensor, vectors: Tensor, add: bool = False
 ) -> Iterator[None]:
-    """Within the block, the residual after ``layer`` at ``positions`` ``[B]`` becomes ``vectors``
-    ``[B, D]`` (or has them added, with ``add``)."""
+    """Within the block, the residual after ``layer`` (``blocks.{layer}.hook_resid_post``) at ``positions``
+    ``[B]`` becomes ``vectors`` ``[B, D]`` (or has them added, with ``add``)."""
 
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
+    def patch(h: Tensor) -> Tensor:  # [B, T, D]
         h = h.clone()
         rows = torch.arange(h.shape[0], device=h.device)
         h[rows, positions] = vectors.to(h.dtype) + (h[rows, positions] if add else 0)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
+        return h
 
-    handle = adapter.residual_module(layer).register_forward_hook(hook)
-    try:
+    with adapter.hooks({f"blocks.{layer}.hook_resid_post": patch}):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
 def patched_heads(adapter: Adapter, layer: int, positions: Tensor, heads: Tensor, values: Tensor) -> Iterator[None]:
-    """Within the block, head ``heads[i]`` of layer ``layer`` outputs ``values[i]`` ``[Dh]`` at
-    ``positions[i]`` in row ``i`` (``heads[i] < 0``: row untouched)."""
-    dh = adapter.head_dim
+    """Within the block, head ``heads[i]`` of layer ``layer`` (``blocks.{layer}.attn.hook_z``) outputs
+    ``values[i]`` ``[Dh]`` at ``positions[i]`` in row ``i`` (``heads[i] < 0``: row untouched)."""
 
-    def hook(module, args):
-        z = args[0].clone()  # [B, T, H * Dh]
+    def patch(z: Tensor) -> Tensor:  # [B, H, T, Dh]
+        z = z.clone()
         rows = (heads >= 0).nonzero()[:, 0]
         if rows.numel():
-            cols = heads[rows, None] * dh + torch.arange(dh, device=z.device)
-            z[rows[:, None], positions[rows, None], cols] = values[rows].to(z.dtype)
-        return (z, *args[1:])
+            z[rows, heads[rows], positions[rows]] = values[rows].to(z.dtype)
+        return z
 
-    handle = adapter.head_output_module(layer).register_forward_pre_hook(hook)
-    try:
+    with adapter.hooks({f"blocks.{layer}.attn.hook_z": patch}):
         yield
-    finally:
-        handle.remove()
 
 
 # ---- means ------------------------------------------------------------------------------------

@@ -4,6 +4,14 @@ Pre-LN blocks; RoPE, learned or no positions; tied embeddings for token tasks or
 linear read-in/read-out for vector tasks. Attention goes through
 :func:`lightning_icl.kernels.capture_attention`, so the statistics of a
 :class:`~lightning_icl.capture.CaptureSpec` come out of the same pass.
+
+Every activation a capture, a gate or a patch reaches has a named hook point
+(:mod:`lightning_icl.hooks`), per layer ``l``:
+
+- ``blocks.{l}.attn.hook_q``, ``blocks.{l}.attn.hook_k``: queries and keys after rotary ``[B, H, T, Dh]``;
+- ``blocks.{l}.attn.hook_z``: the heads' outputs ``[B, H, T, Dh]``, the output projection's input;
+- ``blocks.{l}.hook_mlp_out``: the MLP's output ``[B, T, D]``, added to the residual stream;
+- ``blocks.{l}.hook_resid_post``: the residual stream after the block ``[B, T, D]``.
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_icl.capture import Capture, CaptureSpec, gather_positions
+from lightning_icl.capture import Capture, CaptureSpec, capture_hooks
 from lightning_icl.checks import check_choice, check_flag, check_number, check_optional_positive, check_positive
-from lightning_icl.interventions.gating import ablation_value, gate_heads, gate_mlp, is_zero
+from lightning_icl.hooks import HookedModule, HookPoint, merge_hooks
+from lightning_icl.interventions.gating import check_ablate_with, check_head_gates, gating_hooks
 from lightning_icl.kernels import BACKENDS, capture_attention, check_head_dim
 
 POSITIONAL = ("rope", "learned", "none")
@@ -50,7 +59,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.rotary, self.backend = rotary, backend
-        self.keep_qk, self.last_qk = False, None  # set by the model for one forward when a capture asks
+        self.hook_q, self.hook_k, self.hook_z = HookPoint(), HookPoint(), HookPoint()
 
     def heads(
         self,
@@ -61,8 +70,8 @@ class Attention(nn.Module):
         labels: Tensor | None,
         positions: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every head's output z ``[B, H, T, Dh]`` (before the output projection) and its statistics
-        ``[B, H, P]`` at query rows ``positions`` ``[B, P]`` (``None``: every row, P = T).
+        """Every head's output z ``[B, H, T, Dh]`` (before the output projection, after ``hook_z``) and its
+        statistics ``[B, H, P]`` at query rows ``positions`` ``[B, P]`` (``None``: every row, P = T).
 
         Values of ``key_class`` and ``positions`` are not checked here: the model checks them once
         per forward, so no layer waits for the host."""
@@ -72,6 +81,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.rotary is not None:  # q and k rotated together: one set of ops
             q, k = self.rotary(qkv[:2]).unbind(0)
+        q, k = self.hook_q(q), self.hook_k(k)
         z, st = capture_attention(
             q,
             k,
@@ -85,28 +95,17 @@ class Attention(nn.Module):
             backend=self.backend,
             validate=False,
         )
-        self.last_qk = (q.detach(), k.detach()) if self.keep_qk else None
-        return z, st
+        return self.hook_z(z), st
 
     def project(self, y: Tensor) -> Tensor:
         """Output projection of (possibly gated) head outputs ``[B, H, T, Dh]`` to ``[B, T, D]``."""
         b, _, t, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(
-        self,
-        x: Tensor,
-        stats: tuple[str, ...],
-        key_class: Tensor | None,
-        num_classes: int,
-        labels: Tensor | None,
-        gate: Tensor | None,
-        ablate_with: str | Tensor | None,
-        positions: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        z, st = self.heads(x, stats, key_class, num_classes, labels, positions)
-        y = z if gate is None else gate_heads(z, gate, ablate_with)
-        return self.project(y), z, st
+    def forward(self, x: Tensor, **heads_kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        """The attention's output ``[B, T, D]`` and statistics; ``heads_kwargs`` as in :meth:`heads`."""
+        z, st = self.heads(x, **heads_kwargs)
+        return self.project(z), st
 
 
 class Block(nn.Module):
@@ -120,25 +119,19 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(d_model, d_mlp, bias=bias), ACTIVATIONS[activation](), nn.Linear(d_mlp, d_model, bias=bias)
         )
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(
-        self, h: Tensor, mlp_gate: Tensor | None = None, mlp_ablate_with: Tensor | None = None, **attn_kwargs
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Residual update of ``h`` ``[B, T, D]``; also returns the heads' z and attention statistics.
-
-        ``mlp_gate`` (a scalar or ``[B]``) mixes the MLP output m with ``mlp_ablate_with`` (mu,
-        ``[D]`` or ``[T, D]``; ``None``: zero) as ``g * m + (1 - g) * mu``.
-        """
-        a, z, stats = self.attn(self.ln1(h), **attn_kwargs)
+    def forward(self, h: Tensor, **attn_kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Residual update of ``h`` ``[B, T, D]``; also returns the attention statistics."""
+        a, stats = self.attn(self.ln1(h), **attn_kwargs)
         h = h + a
-        m = self.mlp(self.ln2(h))
-        if mlp_gate is not None:
-            m = gate_mlp(m, mlp_gate, mlp_ablate_with)
-        return h + m, z, stats
+        h = h + self.hook_mlp_out(self.mlp(self.ln2(h)))
+        return self.hook_resid_post(h), stats
 
 
-class ICLTransformer(nn.Module):
-    """GPT-style decoder for ICL tasks.
+class ICLTransformer(HookedModule):
+    """GPT-style decoder for ICL tasks, with the hook points listed in the module docstring
+    (:meth:`hook_points`; ``with model.hooks({name: fn}):`` runs hooks for one call).
 
     Args:
         vocab_size: number of tokens (token tasks; tied embedding/unembedding when
@@ -253,154 +246,64 @@ class ICLTransformer(nn.Module):
             mlp_ablate_with: ``mu`` for the MLPs: ``None`` (zero) or a mean MLP output ``[L, D]``
                 or ``[L, T, D]``.
 
+        Capture, gates and means are hooks on the hook points (:func:`~lightning_icl.capture.capture_hooks`,
+        :func:`~lightning_icl.interventions.gating.gating_hooks`), registered for this call only;
+        the statistics come from the attention pass.
+
         Returns:
             ``(outputs, capture)``: logits ``[B, T, vocab]`` or predictions ``[B, T, output_dim]``.
         """
         b, t = inputs.shape[:2]
-        if t > self.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
-        gates = self._check_gates(head_gates, b)
+        self.check_length(t)
+        check_head_gates(head_gates, self.n_layers, self.n_heads, b)
+        if head_gates is not None:
+            check_ablate_with(ablate_with, self.n_layers, self.n_heads, self.head_dim, t)
         self._check_mlp_gates(mlp_gates, mlp_ablate_with, b, t)
-        layers = capture.resolve_layers(self.n_layers) if capture is not None else []
+        layers: list[int] = []
         result = None
+        hooks = {}
         if capture is not None:
+            layers = capture.resolve_layers(self.n_layers)
             result = Capture(positions=capture.resolve_positions(b, t, inputs.device))
             if capture.stats:
                 self._check_stat_inputs(capture.stats, key_class, num_classes, labels, b, t)
-
-        h = self._embed(inputs)
-        for i, block in enumerate(self.blocks):
-            keep = result is not None and i in layers
-            stats = capture.stats if keep else ()
-            gate = None if gates is None else gates[..., i, :]
-            mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
-            block.attn.keep_qk = keep and capture.qk
-            h, z, st = block(
-                h,
-                mlp_gate=None if mlp_gates is None else mlp_gates[..., i],
-                mlp_ablate_with=None if mlp_ablate_with is None else mlp_ablate_with[i],
-                stats=stats,
-                key_class=key_class,
-                num_classes=num_classes,
-                labels=labels,
-                gate=gate,
-                ablate_with=mu,
-                positions=result.positions if keep else None,
-            )
-            if keep:
-                pos = result.positions
-                if capture.residual:
-                    result.residual[i] = gather_positions(h.detach(), pos, dim=1)
-                if capture.heads:
-                    result.heads[i] = gather_positions(z.detach(), pos, dim=2)
+            hooks = capture_hooks(capture, layers, lambda: result)
+        if head_gates is not None or mlp_gates is not None:  # after the capture's: it keeps z ungated
+            hooks = merge_hooks(hooks, gating_hooks(self.n_layers, head_gates, ablate_with, mlp_gates, mlp_ablate_with))
+        stats = capture.stats if capture is not None else ()
+        with self.hooks(hooks):
+            h = self.embed_inputs(inputs)
+            for i, block in enumerate(self.blocks):
+                keep = bool(stats) and i in layers
+                h, st = block(
+                    h,
+                    stats=stats if keep else (),
+                    key_class=key_class,
+                    num_classes=num_classes,
+                    labels=labels,
+                    positions=result.positions if keep else None,
+                )
                 if st:  # already at the captured positions: the attention computed them there only
                     result.stats[i] = st
-                if capture.qk:
-                    result.q[i], result.k[i] = block.attn.last_qk
-                    block.attn.keep_qk, block.attn.last_qk = False, None
-        return self._read_out(h), result
+        return self.read_outputs(h), result
 
-    def _embed(self, inputs: Tensor) -> Tensor:
+    def check_length(self, seq_len: int) -> None:
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len={self.max_seq_len}")
+
+    def embed_inputs(self, inputs: Tensor) -> Tensor:
+        """The residual stream ``[B, T, D]`` entering the first block."""
         h = self.embed(inputs) if self.is_token_model else self.read_in(inputs)  # [B, T, D]
         if self.pos_embed is not None:
             h = h + self.pos_embed.weight[: inputs.shape[1]]
         return h
 
-    def _read_out(self, h: Tensor) -> Tensor:
+    def read_outputs(self, h: Tensor) -> Tensor:
+        """Logits or predictions ``[..., T, V]`` from the last block's residual stream ``[..., T, D]``."""
         h = self.ln_f(h)
         if self.is_token_model:
             return F.linear(h, self.embed.weight) if self.unembed is None else self.unembed(h)
         return self.read_out(h)
-
-    def forward_variants(
-        self,
-        inputs: Tensor,
-        head_gates: Tensor,
-        ablate_with: str | Tensor | None = None,
-        positions: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The clean run and ``N`` gated variants of one batch, in one pass that computes shared work once.
-
-        Variant ``n`` runs the batch with gates ``head_gates[n]`` ``[L, H]``. Until its first layer
-        with a gate other than 1 it is the clean run, so it joins the pass there: it starts from
-        the clean residual stream and the clean heads' outputs of that layer, and only the layers
-        above are computed for it. Ablating every head one at a time costs the clean forward
-        plus, per head, the layers above it; a forward per head costs L full layers per head.
-
-        Args:
-            inputs: ``[B, T]`` tokens or ``[B, T, input_dim]`` vectors.
-            head_gates: ``[N, L, H]``.
-            ablate_with: as in :meth:`forward` (``"resample"`` takes the previous example of the
-                same variant).
-            positions: ``[B, P]`` the positions whose outputs are needed: the final layer's
-                projection, MLP and read-out run at these positions only. ``None``: all.
-
-        Returns:
-            ``(clean, variants)``: ``[B, T', ...]`` and ``[N, B, T', ...]`` outputs, with
-            ``T' = P`` when ``positions`` is given, else ``T``. The variants are differentiable in
-            ``head_gates`` (gradients of a gate that stays exactly 1 in every layer are not formed).
-        """
-        b, t = inputs.shape[:2]
-        if t > self.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.max_seq_len}")
-        if head_gates.dim() != 3 or tuple(head_gates.shape[1:]) != (self.n_layers, self.n_heads):
-            raise ValueError(
-                f"head_gates must be [N, L, H] with [L, H] = {(self.n_layers, self.n_heads)}, "
-                f"got {tuple(head_gates.shape)}"
-            )
-        if positions is not None and (positions.dim() != 2 or positions.shape[0] != b):
-            raise ValueError(f"positions must be [B, P] with B = {b}, got {tuple(positions.shape)}")
-        n, b_h = head_gates.shape[0], self.n_heads
-        plan = head_gates.detach().cpu()  # which variant joins where: decided on the host, no device syncs
-        touched = (plan != 1).any(dim=2)  # [N, L]
-        first = torch.where(touched.any(dim=1), touched.float().argmax(dim=1), torch.full_like(touched[:, 0], -1))
-        first = first.tolist()  # -1: never gated, identical to the clean run
-        touched = touched.tolist()
-        h = self._embed(inputs)
-        head_gates = head_gates.to(h.device, non_blocking=True)
-        members: list[int] = []  # variants in the running batch, after the clean rows
-        for i, block in enumerate(self.blocks):
-            z, _ = block.attn.heads(block.ln1(h), (), None, 0, None)  # [(1 + M) * B, H, T, Dh]
-            mu = ablate_with[i] if isinstance(ablate_with, Tensor) else ablate_with
-            regated = [k for k, v in enumerate(members) if touched[v][i]]
-            if regated:  # variants already running that gate this layer again
-                rows = z.unflatten(0, (-1, b))
-                picked = rows[[k + 1 for k in regated]].flatten(0, 1)
-                gates = head_gates[[members[k] for k in regated], i].repeat_interleave(b, dim=0)
-                rows = rows.index_copy(0, torch.tensor(regated, device=z.device) + 1,
-                                       gate_heads(picked, gates, mu, group=b).unflatten(0, (-1, b)))  # fmt: skip
-                z = rows.flatten(0, 1)
-            joining = [v for v in range(n) if first[v] == i]
-            delta = None
-            if joining:  # they branch off the clean rows: z - (g - 1)(z - mu) per gated head, linearly
-                zc = z[:b]
-                diff = zc if is_zero(mu) else zc - ablation_value(zc, mu)  # [B, H, T, Dh]
-            last = i == self.n_layers - 1
-            if last and positions is not None:  # nothing after the last attention mixes positions
-                rows = positions.repeat(1 + len(members), 1)  # [R, P]
-                z, h = gather_positions(z, rows, dim=2), gather_positions(h, rows, dim=1)
-                if joining:
-                    diff = gather_positions(diff, positions, dim=2)
-            a = block.attn.project(z)  # [(1 + M) * B, T', D]
-            if joining:
-                w = block.attn.proj.weight.view(-1, b_h, self.head_dim)  # [D, H, Dh]
-                per_head = torch.einsum("bhtk,dhk->hbtd", diff, w)  # each head's contribution, less mu's
-                # from the device gates, not the host plan, so the pass is differentiable in them
-                dg = (head_gates[joining, i] - 1).to(per_head.dtype)
-                delta = torch.einsum("jh,hbtd->jbtd", dg, per_head).flatten(0, 1)
-                h = torch.cat([h + a, (h[:b] + a[:b]).repeat(len(joining), 1, 1) + delta])
-                members += joining
-            else:
-                h = h + a
-            h = h + block.mlp(block.ln2(h))
-        out = self._read_out(h)
-        clean = out[:b]
-        if members == list(range(n)):  # every variant gated something, in order
-            return clean, out[b:].unflatten(0, (n, b))
-        variants = clean.unsqueeze(0).repeat(n, *([1] * clean.dim()))
-        if members:
-            variants[members] = out[b:].unflatten(0, (len(members), b))
-        return clean, variants
 
     def _check_stat_inputs(
         self,
@@ -424,14 +327,6 @@ class ICLTransformer(nn.Module):
         if "same_label_mass" in stats and (labels is None or tuple(labels.shape) != (batch, seq_len)):
             got = None if labels is None else tuple(labels.shape)
             raise ValueError(f"CaptureSpec stats 'same_label_mass' needs labels [B, T] = {(batch, seq_len)}, got {got}")
-
-    def _check_gates(self, gates: Tensor | None, batch: int) -> Tensor | None:
-        if gates is None:
-            return None
-        shape = tuple(gates.shape)
-        if shape not in ((self.n_layers, self.n_heads), (batch, self.n_layers, self.n_heads)):
-            raise ValueError(f"head_gates must be [L, H] = {(self.n_layers, self.n_heads)} or [B, L, H], got {shape}")
-        return gates
 
     def _check_mlp_gates(self, gates: Tensor | None, ablate_with: Tensor | None, batch: int, t: int) -> None:
         if gates is not None and tuple(gates.shape) not in ((self.n_layers,), (batch, self.n_layers)):

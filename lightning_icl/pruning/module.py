@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterable
+from functools import partial
 
 import lightning as L
 import torch
@@ -146,11 +147,8 @@ class SubnetworkPruning(L.LightningModule):
         n_l = self.model.n_layers
         head_sum, mlp_sum, count = torch.zeros_like(self.head_mean), torch.zeros_like(self.mlp_mean), 0
         mlp_out: dict[int, Tensor] = {}
-        hooks = [
-            block.mlp.register_forward_hook(lambda mod, args, out, i=i: mlp_out.__setitem__(i, out))
-            for i, block in enumerate(self.model.blocks)
-        ]
-        try:
+        read = {f"blocks.{i}.hook_mlp_out": partial(mlp_out.__setitem__, i) for i in range(n_l)}
+        with self.model.hooks(read):
             for batch in batches:
                 batch = move_data_to_device(batch, self.device)
                 _, cap = self.model(batch.inputs, capture=CaptureSpec(heads=True, positions="all"))
@@ -164,9 +162,6 @@ class SubnetworkPruning(L.LightningModule):
                         head_sum[i] += z.sum(dim=(0, 2)) / t
                         mlp_sum[i] += m.sum(dim=(0, 1)) / t
                 count += batch.inputs.shape[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
         counts = torch.tensor(float(count), device=self.device)
         if self._trainer is not None:  # every rank's batches count
             head_sum = self.trainer.strategy.reduce(head_sum, reduce_op="sum")

@@ -359,40 +359,42 @@ def test_batch_helpers():
         adapter.concept({"input_ids": batch["input_ids"]})
 
 
-def test_attach_detach_leave_no_hooks():
+def test_forward_and_training_registrations_leave_no_hooks():
     fresh = make_model("llama")
     model, adapter = make("llama")
     batch = make_batch()
-    projs, blocks = adapter.out_projs, adapter.blocks
 
     def hook_counts():
-        return (
-            len(model._forward_pre_hooks),
-            [len(p._forward_pre_hooks) for p in projs],
-            [len(b._forward_hooks) for b in blocks],
-        )
+        return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
 
     before = hook_counts()
-    adapter.attach()
-    adapter.attach()  # no double registration
-    assert hook_counts() == (before[0] + 1, [n + 1 for n in before[1]], [n + 1 for n in before[2]])
+    assert sum(before) == 0  # building the adapter registers nothing
     with torch.no_grad():
-        attached = logits_of(model, batch)  # attached but inert: no effect
+        adapter.forward(
+            batch, capture=CaptureSpec(residual=True, heads=True), head_gates=torch.zeros(N_LAYERS, N_HEADS)
+        )
+    assert hook_counts() == before  # forward() registers for its own call only
+
+    with pytest.raises(RuntimeError, match="boom"):  # also when the call raises
+
+        def boom(h):
+            raise RuntimeError("boom")
+
+        with adapter.hooks({"blocks.0.hook_resid_post": boom}):
+            adapter.forward(batch)
+    assert hook_counts() == before
+
+    adapter.set_training_gates(torch.ones(N_LAYERS, N_HEADS))
+    adapter.set_training_capture(CaptureSpec(residual=True))
+    assert hook_counts() != before
+    adapter.set_training_gates(None)
+    adapter.set_training_capture(None)
+    assert hook_counts() == before
+    adapter.set_training_gates(torch.zeros(N_LAYERS, N_HEADS))
     adapter.detach()
-    assert hook_counts() == before and all(len(p._forward_pre_hooks) == 0 for p in projs)
-    assert not adapter.attached
-
-    with adapter:
-        assert adapter.attached
     assert hook_counts() == before
-
-    # forward() on a detached adapter attaches only for its own call
     with torch.no_grad():
-        adapter.forward(batch, head_gates=torch.zeros(N_LAYERS, N_HEADS))
-        after = logits_of(model, batch)
-        untouched = logits_of(fresh, batch)
-    assert hook_counts() == before
-    assert torch.equal(after, untouched) and torch.equal(attached, untouched)
+        assert torch.equal(logits_of(model, batch), logits_of(fresh, batch))
 
 
 class ToyBlock(nn.Module):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lightning_icl import CaptureSpec, ICLTransformer
+from lightning_icl.interventions import shared_ablation_pass
 
 
 def token_model(**kw):
@@ -149,7 +150,7 @@ def test_variants_pass_equals_a_forward_per_variant(ablate_with):
         "mean_t": torch.stack([cap.heads[i].mean(dim=0) for i in range(3)]),
     }[ablate_with]
     gates = variant_gates()
-    clean, variants = model.forward_variants(x, gates, mu)
+    clean, variants = shared_ablation_pass(model, x, gates, mu)
     torch.testing.assert_close(clean, model(x)[0])
     assert variants.shape == (5, *clean.shape)
     for n in range(5):
@@ -162,14 +163,14 @@ def test_variants_pass_reads_out_only_the_positions_asked_for():
     x = tokens(b=3)
     positions = torch.tensor([[2, 5, 22], [0, 1, 9], [4, 4, 7]])
     gates = variant_gates()
-    clean, variants = model.forward_variants(x, gates, positions=positions)
+    clean, variants = shared_ablation_pass(model, x, gates, positions=positions)
     assert clean.shape == (3, 3, 11) and variants.shape == (5, 3, 3, 11)
     for n in range(5):
         full = model(x, head_gates=gates[n])[0]
         torch.testing.assert_close(variants[n], torch.gather(full, 1, positions[..., None].expand(3, 3, 11)))
     vector = ICLTransformer(input_dim=5, output_dim=2, d_model=32, n_layers=2, n_heads=2, max_seq_len=9).eval()
     v = torch.randn(3, 9, 5)
-    _, out = vector.forward_variants(v, torch.zeros(1, 2, 2), "resample", positions[:, :2] % 9)
+    _, out = shared_ablation_pass(vector, v, torch.zeros(1, 2, 2), "resample", positions[:, :2] % 9)
     full = vector(v, head_gates=torch.zeros(2, 2), ablate_with="resample")[0]
     torch.testing.assert_close(out[0], torch.gather(full, 1, (positions[:, :2] % 9)[..., None].expand(3, 2, 2)))
 
@@ -177,9 +178,9 @@ def test_variants_pass_reads_out_only_the_positions_asked_for():
 def test_variants_pass_rejects_bad_shapes_by_name():
     model = token_model()
     with pytest.raises(ValueError, match=r"head_gates must be \[N, L, H\]"):
-        model.forward_variants(tokens(), torch.ones(3, 2))
+        shared_ablation_pass(model, tokens(), torch.ones(3, 2))
     with pytest.raises(ValueError, match="positions must be"):
-        model.forward_variants(tokens(b=4), torch.ones(1, 3, 2), positions=torch.zeros(2, 3, dtype=torch.long))
+        shared_ablation_pass(model, tokens(b=4), torch.ones(1, 3, 2), positions=torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_gate_gradient_is_first_order_ablation_effect():
