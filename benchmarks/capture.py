@@ -406,7 +406,7 @@ def train_rows(name: str, setup: tuple, device: str, steps: int, budget: Budget,
             skipped.append(f"train {label} of {name}: time budget spent")
             continue
         torch.manual_seed(0)
-        module = ICLModule(task=data.task_info, attention_backend=backend, **model_kwargs).to(device)
+        module = ICLModule.from_kwargs(task=data.task_info, attention_backend=backend, **model_kwargs).to(device)
         module.train_capture_spec = spec
         fused = {"fused": True} if device == "cuda" else {}
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4, **fused)

@@ -15,12 +15,14 @@ CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "config
 # Shrink any config to a few CPU steps; data overrides per DataModule keep it valid.
 # (no warm-up: the configs warm up over more steps than the shrunk run has, which ICLModule refuses)
 SHRINK_MODEL = [
-    "--model.init_args.d_model=32",
-    "--model.init_args.n_heads=2",
-    "--model.init_args.n_layers=1",
-    "--model.init_args.warmup_steps=0",
+    "--model.init_args.transformer.d_model=32",
+    "--model.init_args.transformer.n_heads=2",
+    "--model.init_args.transformer.n_layers=1",
+    "--model.init_args.optimizer.warmup_steps=0",
 ]
-SHRINK_MODELS = {"HFCausalLMModule": ["--model.init_args.warmup_steps=0"]}  # its configs are CPU-sized already
+SHRINK_MODELS = {
+    "HFCausalLMModule": ["--model.init_args.optimizer.warmup_steps=0"]
+}  # its configs are CPU-sized already
 SHRINK_DATA = {
     "ModularArithmeticDataModule": [
         "--data.init_args.num_tasks=4",
@@ -85,7 +87,7 @@ def test_help_and_print_config(capsys):
     with pytest.raises(SystemExit):
         main(["fit", f"--config={config}", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["n_layers"] == 12
+    assert printed["model"]["init_args"]["transformer"]["n_layers"] == 12
     assert printed["data"]["class_path"].endswith("SparseLinearRegressionDataModule")
 
 
@@ -101,7 +103,7 @@ def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, 
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]
-    model = ["--model=ICLModule", "--model.d_model=32", "--model.n_heads=2"]
+    model = ["--model=ICLModule", "--model.transformer.d_model=32", "--model.transformer.n_heads=2"]
     main(["fit", *model, *common, "--trainer.max_steps=3"])
     ckpts = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
     assert len(ckpts) == 1
@@ -129,9 +131,9 @@ FLAGS = ["--model=ICLModule", "--data=ModularArithmeticDataModule", "--trainer.m
     ("args", "message"),
     [
         (["--data.p=9"], "p must be a prime, got 9"),
-        (["--model.lr=-1"], "lr must be a finite number > 0, got -1"),
+        (["--model.optimizer.lr=-1"], "lr must be a finite number > 0, got -1"),
         (["--data.num_tasks=0"], "num_tasks must be"),
-        (["--model.n_heads=3"], "n_heads"),
+        (["--model.transformer.n_heads=3"], "n_heads"),
         (["--ckpt_path=/nowhere/last.ckpt"], "checkpoint /nowhere/last.ckpt does not exist"),
     ],
 )
@@ -195,8 +197,9 @@ def test_every_shipped_checkpoint_is_written_after_its_steps_validation():
 
 @pytest.mark.slow
 def test_a_diverging_fit_stops_in_one_line_with_a_non_zero_status(tmp_path, capsys):
-    args = ["fit", *FLAGS[:2], "--model.lr=1e6", "--model.warmup_steps=0", "--trainer.max_steps=200",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    args = ["fit", *FLAGS[:2], "--model.optimizer.lr=1e6", "--model.optimizer.warmup_steps=0",
+            "--trainer.max_steps=200", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
     code, err = fails(args, capsys)
     assert code == 1
     assert re.match(r"lightning-icl: error: training diverged: train/loss is (nan|inf) at step \d+;", err[-1]), err[-1]
@@ -231,7 +234,8 @@ def test_the_flag_only_command_validates_and_prints_its_summary(tmp_path, capsys
     args = [
         "fit", "--model", "ICLModule", "--data", "ModularArithmeticDataModule", "--data.p", "7",
         "--data.num_tasks", "4", "--data.batch_size", "8", "--data.num_shots", "4", "--data.num_eval_batches", "1",
-        "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--trainer.max_steps", "10",
+        "--model.transformer.d_model", "32", "--model.transformer.n_layers", "1", "--model.transformer.n_heads", "2",
+        "--trainer.max_steps", "10",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     with caplog.at_level("INFO"):

@@ -86,7 +86,7 @@ def test_short_fit_learns_in_context_and_logs_curves(tmp_path):
 
 def test_vector_task_logs_mse(tmp_path):
     data = SparseLinearRegressionDataModule(dim=8, num_bases=2, rank=4, num_shots=6, batch_size=16, num_eval_batches=2)
-    module = ICLModule(task=data.task_info, d_model=32, n_layers=1, n_heads=2, lr=1e-3)
+    module = ICLModule.from_kwargs(task=data.task_info, d_model=32, n_layers=1, n_heads=2, lr=1e-3)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=10, val_check_interval=10, logger=False))
     trainer.fit(module, data)
     assert set(module.last_eval) == {"val/all/mse", "val/all/mse_shot0", "val/all/mse_last"}

@@ -21,8 +21,8 @@ def checkpoint(tmp_path_factory):
         [
             "fit",
             "--model=ICLModule",
-            "--model.d_model=32",
-            "--model.n_heads=2",
+            "--model.transformer.d_model=32",
+            "--model.transformer.n_heads=2",
             "--data=ModularArithmeticDataModule",
             "--data.p=7",
             "--data.num_tasks=4",
