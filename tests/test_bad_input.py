@@ -248,6 +248,7 @@ MODEL = [
     ("init-std-nan", "init_std", lambda: model(init_std=NAN)),
     ("output-dim-zero", "output_dim", lambda: model(vocab_size=0, input_dim=3, output_dim=0)),
     ("bias-string", "bias", lambda: model(bias="false")),
+    ("config-a-dict", "config", lambda: ICLTransformer({"vocab_size": 7})),
 ]
 
 MODULE = [
