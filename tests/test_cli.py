@@ -138,6 +138,28 @@ def test_help_and_print_config(capsys):
     assert printed["data"]["class_path"].endswith("SparseLinearRegressionDataModule")
 
 
+def test_model_configs_and_callback_cadence_from_flags_and_help(capsys):
+    args = [*FLAGS[:2], "--model.transformer.d_model=32", "--model.optimizer.lr=0.01",
+            "--trainer.callbacks+=HeadAblation", "--trainer.callbacks.every_n_steps=50",
+            "--trainer.callbacks+=ICLCurves", "--trainer.callbacks.tag=a"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["init_args"]
+    assert model["transformer"]["d_model"] == 32 and model["optimizer"]["lr"] == 0.01
+    ablation, curves = (cb["init_args"] for cb in printed["trainer"]["callbacks"])
+    assert ablation["every_n_steps"] == 50 and ablation["num_batches"] == 1  # HeadAblation's own default
+    assert curves["tag"] == "a" and curves["num_batches"] == 4 and "dataloader_idx" not in curves
+    for flag, name, listed in [
+        ("--model.help", "ICLModule", ["--model.transformer.d_model", "--model.optimizer.warmup_steps"]),
+        ("--trainer.callbacks.help", "HeadAblation", ["--trainer.callbacks.every_n_steps", "--trainer.callbacks.tag"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["fit", flag, name])
+        out = capsys.readouterr().out
+        assert all(f in out for f in listed), out
+
+
 @pytest.mark.slow
 def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, capsys, caplog):
     common = [
