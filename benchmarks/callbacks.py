@@ -40,7 +40,7 @@ def default_callbacks() -> list[L.Callback]:
 def timed_fit(callbacks: list[L.Callback], steps: int, val_every: int, accelerator: str) -> float:
     L.seed_everything(0, verbose=False)
     data = ModularArithmeticDataModule(**QUICKSTART_DATA)
-    module = ICLModule(task=data.task_info, **QUICKSTART_MODEL)
+    module = ICLModule.from_kwargs(task=data.task_info, **QUICKSTART_MODEL)
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, max_steps=steps, val_check_interval=val_every, check_val_every_n_epoch=None,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -82,7 +82,7 @@ def replicated(adapter: Adapter, batch) -> torch.Tensor:
 
 def ablation_times(device: torch.device, repeats: int) -> dict[str, float]:
     data = ModularArithmeticDataModule(**QUICKSTART_DATA)
-    module = ICLModule(task=data.task_info, **QUICKSTART_MODEL).eval().to(device)
+    module = ICLModule.from_kwargs(task=data.task_info, **QUICKSTART_MODEL).eval().to(device)
     adapter = ICLModuleAdapter(module)
     batch = module.transfer_batch_to_device(data.val_dataloader()[0].dataset[0], device, 0)
     methods = {

@@ -391,7 +391,7 @@ def train_rows(name: str, setup: tuple, device: str, steps: int, budget: Budget,
             skipped.append(f"train {label} of {name}: time budget spent")
             continue
         torch.manual_seed(0)
-        module = ICLModule(task=data.task_info, attention_backend=backend, **model_kwargs).to(device)
+        module = ICLModule.from_kwargs(task=data.task_info, attention_backend=backend, **model_kwargs).to(device)
         if spec is not None:  # a callback's training-step capture, as the callbacks ask for it
             ICLModuleAdapter(module).set_training_capture(spec)
         fused = {"fused": True} if device == "cuda" else {}

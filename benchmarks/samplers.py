@@ -63,7 +63,7 @@ def sampler_rate(data, seconds: float) -> tuple[float, float]:
 
 def model_rate(data, model_kwargs: dict, batch: int, steps: int, device: str) -> float:
     """Sequences/s of forward + backward + AdamW step of the setup's model on ``batch`` sequences."""
-    module = ICLModule(task=data.task_info, **model_kwargs).to(device)
+    module = ICLModule.from_kwargs(task=data.task_info, **model_kwargs).to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     sample = data.train_sampler()(generator_for(0, "model"), 0)
     sample.inputs, sample.targets = sample.inputs[:batch].to(device), sample.targets[:batch].to(device)

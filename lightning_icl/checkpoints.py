@@ -220,7 +220,14 @@ def load_trained(ckpt_path: str) -> tuple[ICLModule, ICLDataModule]:
         raise ValueError(f"checkpoint {ckpt_path} is not an ICLModule checkpoint (its hyperparameters hold no task)")
     from lightning_icl.module import ICLModule
 
-    module = ICLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    hparams = checkpoint["hyper_parameters"]
+    if "transformer" in hparams:
+        module = ICLModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    else:  # written when the model's and optimizer's settings were flat arguments of ICLModule
+        flat = {k: v for k, v in hparams.items() if k != "task" and not k.startswith("_")}
+        module = ICLModule.from_kwargs(hparams["task"], **flat)
+        module.load_state_dict(checkpoint["state_dict"])
+        module.on_load_checkpoint(checkpoint)
     return module, load_datamodule(ckpt_path, checkpoint)
 
 

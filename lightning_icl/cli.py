@@ -8,6 +8,7 @@ draws run directories (:mod:`lightning_icl.report`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
 import traceback
@@ -164,20 +165,29 @@ def user_error(err: BaseException) -> BaseException | None:
 
 
 def _where(err: BaseException) -> str | None:
-    """``--data ModularArithmeticDataModule`` (or ``--model``, a callback): whose constructor raised."""
-    tb, found = err.__traceback__, None
+    """``--data ModularArithmeticDataModule`` (or ``--model``, a callback): whose constructor raised.
+    A config's check (``TransformerConfig``, ``OptimizerConfig``) counts as its module's: the
+    class jsonargparse was building when it built the config."""
+    tb, found, building = err.__traceback__, None, None
     while tb is not None:
         frame = tb.tb_frame
-        obj = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        name = frame.f_code.co_name
+        obj = frame.f_locals.get("self") if name in ("__init__", "__post_init__") else None
         here = os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIRS)
         if obj is not None and found is None and here and not isinstance(obj, LightningCLI):
             found = obj
+        cls = frame.f_locals.get("val_class")  # jsonargparse, instantiating a subclass
+        if found is None and isinstance(cls, type) and issubclass(cls, L.LightningModule | L.Callback):
+            building = cls
         tb = tb.tb_next
     if found is None:
         return None
-    name = type(found).__name__
+    if dataclasses.is_dataclass(found) and building is not None:
+        found = building
+    name = found.__name__ if isinstance(found, type) else type(found).__name__
+    kind = found if isinstance(found, type) else type(found)
     group = next((g for g, base in (("--data", L.LightningDataModule), ("--model", L.LightningModule),
-                                    ("--trainer.callbacks", L.Callback)) if isinstance(found, base)), None)  # fmt: skip
+                                    ("--trainer.callbacks", L.Callback)) if issubclass(kind, base)), None)  # fmt: skip
     return f"{group} {name}" if group else name
 
 

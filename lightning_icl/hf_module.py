@@ -11,7 +11,8 @@ from torch import Tensor
 from lightning_icl.adapters.hooks import HFCausalLMAdapter
 from lightning_icl.adapters.icl import ICLBatchScoring
 from lightning_icl.capture import Capture, CaptureSpec
-from lightning_icl.module import ICLTaskModule, as_task_info, check_training_args
+from lightning_icl.config import OptimizerConfig
+from lightning_icl.module import ICLTaskModule
 from lightning_icl.tasks.batch import ICLBatch
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions")
@@ -30,8 +31,8 @@ class HFCausalLMModule(ICLTaskModule):
         attn_implementation: ``"lightning_icl"`` (default: every attention layer on
             :func:`~lightning_icl.kernels.capture_attention`, per-head statistics available to the
             callbacks) or any implementation transformers knows (``"sdpa"``, ``"eager"``, ...).
-        lr, betas, eps, weight_decay, warmup_steps, warmup_start_factor, schedule, min_lr_factor,
-            total_steps: as :class:`~lightning_icl.ICLModule`.
+        optimizer: AdamW and its schedule, as :class:`~lightning_icl.ICLModule`'s (an
+            :class:`~lightning_icl.config.OptimizerConfig` or a dict of its fields).
 
     The loss, logged metrics (``train/loss``, ``val/<split>/acc``, ``..._shot0``, ``..._last``),
     ``icl_curves.jsonl``, ICL summary, checkpoint hooks and callback support are
@@ -46,23 +47,10 @@ class HFCausalLMModule(ICLTaskModule):
         config: dict | None = None,
         pretrained: str | None = None,
         attn_implementation: str = "lightning_icl",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.01,
-        schedule: str = "cosine",
-        min_lr_factor: float = 0.1,
-        total_steps: int | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),
     ) -> None:
         super().__init__()
-        info = as_task_info(task)
-        self.save_hyperparameters(ignore=["task"])
-        self._keep_task(info)
-        check_training_args(
-            lr, betas, eps, weight_decay, warmup_steps, warmup_start_factor, schedule, min_lr_factor, total_steps
-        )
+        info = self._init_hyperparameters(task, optimizer)
         if info.kind != "tokens":
             raise ValueError(f"HFCausalLMModule trains causal LMs on token tasks; the task's sequences are {info.kind}")
         if (config is None) == (pretrained is None):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from collections.abc import Mapping
-from functools import partial
 
 import lightning as L
 import torch
@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from lightning_icl import records
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.checkpoints import DivergenceError, catch_up_evaluation, check_finite_loss, seal, verify
-from lightning_icl.checks import check_choice, check_number, check_optional_positive, check_positive, is_number
+from lightning_icl.config import OptimizerConfig, TransformerConfig, as_config, as_dict, split_fields
 from lightning_icl.metrics import PerShotMean
 from lightning_icl.models import ICLTransformer
-from lightning_icl.optim import SCHEDULES, decay_groups, lr_factor
+from lightning_icl.optim import configure_adamw
 from lightning_icl.tasks.base import TaskInfo
 from lightning_icl.tasks.batch import ICLBatch
 
@@ -31,15 +31,31 @@ class ICLTaskModule(L.LightningModule):
     The answer loss on the scored positions, ``train/loss`` and ``train/acc``, the per-split,
     per-shot evaluation (``{stage}/{split}/{metric}``, ``_shot0``, ``_last``), ``icl_curves.jsonl``,
     the ICL summary, the evaluation history kept in checkpoints and the divergence checks, and
-    AdamW with warm-up and a cosine or constant schedule. Subclasses build ``self.model`` in
-    ``__init__`` (after ``save_hyperparameters``, :meth:`_keep_task` and :meth:`_init_evaluation`)
-    and implement ``forward(batch, capture=None, **kwargs) -> (outputs [B, T, V], capture)``.
+    AdamW with warm-up and a cosine or constant schedule (an :class:`OptimizerConfig`). Subclasses
+    build ``self.model`` in ``__init__`` (after :meth:`_init_hyperparameters` and
+    :meth:`_init_evaluation`) and implement
+    ``forward(batch, capture=None, **kwargs) -> (outputs [B, T, V], capture)``.
     """
 
+    def _keep_plain(self, key: str, value: dict) -> None:
+        """Keep hyperparameter ``key`` as a plain dict, so checkpoints and hparams.yaml stay portable."""
+        self.hparams[key] = value
+        if getattr(self, "_hparams_initial", None) is not None:  # what loggers write (hparams.yaml): it too
+            self._hparams_initial[key] = value
+
     def _keep_task(self, info: TaskInfo) -> None:
-        self.hparams["task"] = info.as_dict()  # plain dict, so checkpoints and hparams.yaml stay portable
-        if getattr(self, "_hparams_initial", None) is not None:  # what loggers write (hparams.yaml): the task too
-            self._hparams_initial["task"] = info.as_dict()
+        self._keep_plain("task", info.as_dict())
+
+    def _init_hyperparameters(self, task: TaskInfo | Mapping | None, optimizer: OptimizerConfig | Mapping) -> TaskInfo:
+        """Save the arguments of the subclass's ``__init__`` (the caller) as hyperparameters, the task
+        and the optimizer as plain dicts; keep the optimizer for :meth:`configure_optimizers`.
+        Returns the task."""
+        info = as_task_info(task)
+        self.save_hyperparameters(ignore=["task"], frame=inspect.currentframe().f_back)
+        self._keep_task(info)
+        self.optimizer_config = as_config(OptimizerConfig, optimizer, "optimizer")
+        self._keep_plain("optimizer", as_dict(self.optimizer_config))
+        return info
 
     def _init_evaluation(self, info: TaskInfo) -> None:
         self.task = info
@@ -193,29 +209,7 @@ class ICLTaskModule(L.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
-        )
-        max_steps = self.trainer.max_steps
-        if max_steps is not None and max_steps > 0 and hp.warmup_steps > max_steps:
-            raise ValueError(
-                f"warmup_steps={hp.warmup_steps} is longer than the run, trainer.max_steps={max_steps}: the learning "
-                "rate would never reach lr; lower warmup_steps or raise max_steps"
-            )
-        total = hp.total_steps or max_steps
-        if hp.schedule == "cosine" and (total is None or total < 1):
-            raise ValueError("the cosine schedule needs total_steps or trainer.max_steps")
-        factor = partial(
-            lr_factor,
-            warmup_steps=hp.warmup_steps,
-            total_steps=total or 1,
-            warmup_start_factor=hp.warmup_start_factor,
-            min_lr_factor=hp.min_lr_factor,
-            schedule=hp.schedule,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_adamw(self.model, self.optimizer_config, self.trainer.max_steps)
 
 
 class ICLModule(ICLTaskModule):
@@ -224,18 +218,16 @@ class ICLModule(ICLTaskModule):
     Args:
         task: what the data looks like (a :class:`TaskInfo` or its dict); the CLI fills it
             in from the DataModule's ``task_info``.
-        d_model, n_layers, n_heads, d_mlp, positional, bias, activation, tie_embeddings,
-            init_std, attention_backend: the :class:`ICLTransformer`.
-        max_seq_len: the model's context (default: the task's sequence length).
-        lr, betas, eps, weight_decay: AdamW (decay on matrices, embeddings included).
-        warmup_steps, warmup_start_factor: linear warm-up from ``warmup_start_factor * lr`` (in [0, 1])
-            over ``warmup_steps``, which may not exceed ``total_steps`` nor ``trainer.max_steps`` (checked
-            when the fit starts).
-        schedule: ``"cosine"`` (down to ``min_lr_factor * lr`` at ``total_steps``) or ``"constant"``.
-        total_steps: length of the cosine (default: ``trainer.max_steps``).
+        transformer: the :class:`ICLTransformer` (a :class:`~lightning_icl.config.TransformerConfig`
+            or a dict of its fields). The task sets ``vocab_size`` / ``input_dim``; ``max_seq_len``
+            defaults to the task's sequence length.
+        optimizer: AdamW and its schedule (an :class:`~lightning_icl.config.OptimizerConfig` or a
+            dict of its fields).
 
-    Every argument is checked here (the model's by :class:`ICLTransformer`): a bad one raises
-    ``ValueError`` naming it before anything is built.
+    From the command line: ``--model.transformer.d_model 256 --model.optimizer.lr 1e-3``, or
+    ``transformer:`` and ``optimizer:`` blocks under ``init_args`` in YAML. From Python,
+    :meth:`from_kwargs` takes the fields of both as flat keywords. Every argument is checked when
+    its config is built: a bad one raises ``ValueError`` naming it before anything is built.
 
     Logged: ``train/loss`` (and ``train/acc``); per evaluation split ``{stage}/{split}/{metric}``
     over all shots, ``..._shot0`` and ``..._last``, where metric is ``loss`` and ``acc``
@@ -254,57 +246,38 @@ class ICLModule(ICLTaskModule):
     def __init__(
         self,
         task: dict | None = None,
-        d_model: int = 128,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        d_mlp: int | None = None,
-        max_seq_len: int | None = None,
-        positional: str = "rope",
-        bias: bool = False,
-        activation: str = "relu",
-        tie_embeddings: bool = True,
-        init_std: float = 0.02,
-        attention_backend: str = "auto",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.01,
-        schedule: str = "cosine",
-        min_lr_factor: float = 0.1,
-        total_steps: int | None = None,
+        transformer: TransformerConfig = TransformerConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
     ) -> None:
         super().__init__()
-        info = as_task_info(task)
-        self.save_hyperparameters(ignore=["task"])
-        self._keep_task(info)
-        check_training_args(
-            lr, betas, eps, weight_decay, warmup_steps, warmup_start_factor, schedule, min_lr_factor, total_steps
-        )
-        check_optional_positive("max_seq_len", max_seq_len)
-        max_seq_len = info.seq_len if max_seq_len is None else max_seq_len
+        info = self._init_hyperparameters(task, optimizer)
+        config = as_config(TransformerConfig, transformer, "transformer")
+        self._keep_plain("transformer", as_dict(config))
+        sizes = {
+            "vocab_size": info.vocab_size if info.kind == "tokens" else 0,
+            "input_dim": info.input_dim if info.kind == "vectors" else 0,
+        }
+        for name, value in sizes.items():
+            if getattr(config, name) not in (0, value):
+                raise ValueError(
+                    f"the transformer's {name}={getattr(config, name)} but the task's is {value}: "
+                    f"the task sets {name}, leave it unset"
+                )
+        max_seq_len = info.seq_len if config.max_seq_len is None else config.max_seq_len
         if info.seq_len > max_seq_len:
             raise ValueError(
                 f"the task's sequences have {info.seq_len} positions, longer than max_seq_len={max_seq_len}"
             )
         self.task = info
-        self.model = ICLTransformer(
-            vocab_size=info.vocab_size if info.kind == "tokens" else 0,
-            input_dim=info.input_dim if info.kind == "vectors" else 0,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            d_mlp=d_mlp,
-            max_seq_len=max_seq_len,
-            positional=positional,
-            bias=bias,
-            activation=activation,
-            tie_embeddings=tie_embeddings,
-            init_std=init_std,
-            attention_backend=attention_backend,
-        )
+        self.model = ICLTransformer(dataclasses.replace(config, **sizes, max_seq_len=max_seq_len))
         self._init_evaluation(info)
+
+    @classmethod
+    def from_kwargs(cls, task: TaskInfo | Mapping | None = None, **fields) -> ICLModule:
+        """An ``ICLModule`` from the fields of its two configs as flat keywords:
+        ``ICLModule.from_kwargs(task, d_model=64, n_layers=2, lr=3e-3)``."""
+        transformer, optimizer = split_fields(fields)
+        return cls(task, TransformerConfig(**transformer), OptimizerConfig(**optimizer))
 
     # ---- forward and loss -------------------------------------------------------------
     def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
@@ -318,51 +291,11 @@ class ICLModule(ICLTaskModule):
         return self.model(batch.inputs, capture=capture, **extra, **kwargs)
 
 
-def check_training_args(
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    warmup_steps: int,
-    warmup_start_factor: float,
-    schedule: str,
-    min_lr_factor: float,
-    total_steps: int | None,
-) -> None:
-    """The optimiser and schedule arguments of the ICL modules; a bad one raises ``ValueError`` naming it."""
-    check_number("lr", lr, low=0.0, low_open=True)
-    check_betas(betas)
-    check_number("eps", eps, low=0.0, low_open=True)
-    check_number("weight_decay", weight_decay, low=0.0)
-    check_positive("warmup_steps", warmup_steps, minimum=0)
-    check_number("warmup_start_factor", warmup_start_factor, 0.0, 1.0)
-    check_choice("schedule", schedule, SCHEDULES)
-    check_number("min_lr_factor", min_lr_factor, 0.0, 1.0)
-    check_optional_positive("total_steps", total_steps)
-    if total_steps is not None and warmup_steps > total_steps:
-        raise ValueError(f"warmup_steps={warmup_steps} is longer than total_steps={total_steps}")
-
-
 def as_task_info(task: TaskInfo | Mapping | None) -> TaskInfo:
     """The :class:`TaskInfo` of ``ICLModule``'s ``task`` argument (a TaskInfo or the dict of its fields)."""
     if task is None:
         raise ValueError("task is required: pass the DataModule's task_info (the CLI links it from --data)")
-    if isinstance(task, TaskInfo):
-        return task
-    if not isinstance(task, Mapping):
-        raise ValueError(f"task must be a TaskInfo or a dict of its fields, got {type(task).__name__} {task!r}")
-    fields = {f.name for f in dataclasses.fields(TaskInfo)}
-    unknown = sorted(set(task) - fields, key=str)
-    if unknown:
-        raise ValueError(f"task has fields {unknown} that a TaskInfo does not; its fields are {sorted(fields)}")
-    return TaskInfo(**task)
-
-
-def check_betas(betas: tuple[float, float]) -> None:
-    """AdamW's ``betas``: two numbers in [0, 1)."""
-    pair = list(betas) if isinstance(betas, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or not all(is_number(b) and 0 <= b < 1 for b in pair):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return as_config(TaskInfo, task, "task")
 
 
 def summarize(results: dict[str, float]) -> str:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from lightning_icl.checks import check_choice, check_number
+
+if TYPE_CHECKING:
+    from lightning_icl.config import OptimizerConfig
 
 SCHEDULES = ("cosine", "constant")
 
@@ -34,3 +40,32 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def configure_adamw(model: nn.Module, config: OptimizerConfig, max_steps: int | None) -> dict:
+    """What ``configure_optimizers`` returns for ``config``: AdamW over :func:`decay_groups` and its
+    per-step schedule, over a run of ``max_steps`` (``trainer.max_steps``; ``None`` or < 1: unbounded).
+
+    Raises ``ValueError`` when the warm-up is longer than the run, or when the cosine has no length.
+    """
+    optimizer = torch.optim.AdamW(
+        decay_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
+    )
+    if max_steps is not None and max_steps > 0 and config.warmup_steps > max_steps:
+        raise ValueError(
+            f"warmup_steps={config.warmup_steps} is longer than the run, trainer.max_steps={max_steps}: the learning "
+            "rate would never reach lr; lower warmup_steps or raise max_steps"
+        )
+    total = config.total_steps or max_steps
+    if config.schedule == "cosine" and (total is None or total < 1):
+        raise ValueError("the cosine schedule needs total_steps or trainer.max_steps")
+    factor = partial(
+        lr_factor,
+        warmup_steps=config.warmup_steps,
+        total_steps=total or 1,
+        warmup_start_factor=config.warmup_start_factor,
+        min_lr_factor=config.min_lr_factor,
+        schedule=config.schedule,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -65,7 +65,8 @@ def load_yaml(path: str) -> dict:
 
 def hyperparameters(run_dir: str) -> dict:
     """Flat hyperparameters of a run: ``hparams.yaml`` (CSVLogger) merged with ``config.yaml``'s
-    ``model``/``data`` ``init_args`` (LightningCLI)."""
+    ``model``/``data`` ``init_args`` (LightningCLI), the model's ``transformer`` and ``optimizer``
+    fields included under their own names."""
     flat: dict = {}
     config = os.path.join(run_dir, "config.yaml")
     if os.path.exists(config):
@@ -76,6 +77,9 @@ def hyperparameters(run_dir: str) -> dict:
     hparams = os.path.join(run_dir, "hparams.yaml")
     if os.path.exists(hparams):
         flat.update(load_yaml(hparams))
+    for group in ("transformer", "optimizer"):  # ICLModule's configs: their fields by name too (d_model, lr)
+        if isinstance(flat.get(group), dict):
+            flat.update({k: v for k, v in flat[group].items() if k not in flat})
     return flat
 
 

@@ -24,7 +24,7 @@ def tiny_modular(**overrides) -> ModularArithmeticDataModule:
 def tiny_module(data, **overrides) -> ICLModule:
     kwargs = dict(task=data.task_info, d_model=32, n_layers=2, n_heads=2, lr=3e-3, warmup_steps=10)
     kwargs.update(overrides)
-    return ICLModule(**kwargs)
+    return ICLModule.from_kwargs(**kwargs)
 
 
 def trainer_kwargs(tmp_path, **overrides) -> dict:

@@ -129,7 +129,7 @@ def model(**kwargs):
 
 
 def icl_module(**kwargs):
-    return ICLModule(**{"task": data().task_info, "d_model": 32, "n_layers": 2, "n_heads": 2, **kwargs})
+    return ICLModule.from_kwargs(**{"task": data().task_info, "d_model": 32, "n_layers": 2, "n_heads": 2, **kwargs})
 
 
 def spec(**kwargs):
@@ -167,7 +167,7 @@ def masks_record(**changes) -> dict:
 
 def vector_module():
     task = sparse().task_info
-    return ICLModule(task=task, d_model=32, n_layers=2, n_heads=2)
+    return ICLModule.from_kwargs(task=task, d_model=32, n_layers=2, n_heads=2)
 
 
 # ---- the table: (case id, argument name(s) the message names, the bad call) ---------------------
@@ -248,6 +248,7 @@ MODEL = [
     ("init-std-nan", "init_std", lambda: model(init_std=NAN)),
     ("output-dim-zero", "output_dim", lambda: model(vocab_size=0, input_dim=3, output_dim=0)),
     ("bias-string", "bias", lambda: model(bias="false")),
+    ("config-a-dict", "config", lambda: ICLTransformer({"vocab_size": 7})),
 ]
 
 MODULE = [
@@ -275,6 +276,11 @@ MODULE = [
     ("warmup-past-total-steps", ("warmup_steps", "total_steps"), lambda: icl_module(warmup_steps=10, total_steps=5)),
     ("max-seq-len-too-short", "max_seq_len", lambda: icl_module(max_seq_len=5)),
     ("d-mlp-negative", "d_mlp", lambda: icl_module(d_mlp=-1)),
+    ("vocab-size-not-the-tasks", "vocab_size", lambda: icl_module(vocab_size=5)),
+    ("input-dim-on-a-token-task", "input_dim", lambda: icl_module(input_dim=3)),
+    ("flat-keyword-of-neither-config", "colour", lambda: icl_module(colour=1)),
+    ("transformer-unknown-field", "colour", lambda: ICLModule(data().task_info, transformer={"colour": 1})),
+    ("optimizer-a-list", "optimizer", lambda: ICLModule(data().task_info, optimizer=[1e-3])),
     (
         "warmup-past-max-steps-at-fit",
         ("warmup_steps", "max_steps"),

@@ -16,7 +16,7 @@ from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_ch
 def tiny(lr: float = 3e-3):
     data = ModularArithmeticDataModule(p=5, num_tasks=4, num_ood_tasks=4, num_shots=4, batch_size=8,
                                        eval_batch_size=8, num_eval_batches=1, seed=0)  # fmt: skip
-    return ICLModule(task=data.task_info, d_model=32, n_layers=1, n_heads=2, lr=lr, warmup_steps=0), data
+    return ICLModule.from_kwargs(task=data.task_info, d_model=32, n_layers=1, n_heads=2, lr=lr, warmup_steps=0), data
 
 
 def trainer(root, max_steps: int, **kwargs) -> L.Trainer:

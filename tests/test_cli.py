@@ -1,4 +1,5 @@
-"""The command line: every config in configs/ parses, instantiates and trains a few steps."""
+"""The command line: every file in configs/ composes as its header says, parses, instantiates and
+trains a few steps."""
 
 import glob
 import json
@@ -10,17 +11,21 @@ import yaml
 
 from lightning_icl.cli import main
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))  # the experiments
+PIECES = sorted(set(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)) - set(CONFIGS))
 
 # Shrink any config to a few CPU steps; data overrides per DataModule keep it valid.
 # (no warm-up: the configs warm up over more steps than the shrunk run has, which ICLModule refuses)
 SHRINK_MODEL = [
-    "--model.init_args.d_model=32",
-    "--model.init_args.n_heads=2",
-    "--model.init_args.n_layers=1",
-    "--model.init_args.warmup_steps=0",
+    "--model.init_args.transformer.d_model=32",
+    "--model.init_args.transformer.n_heads=2",
+    "--model.init_args.transformer.n_layers=1",
+    "--model.init_args.optimizer.warmup_steps=0",
 ]
-SHRINK_MODELS = {"HFCausalLMModule": ["--model.init_args.warmup_steps=0"]}  # its configs are CPU-sized already
+SHRINK_MODELS = {
+    "HFCausalLMModule": ["--model.init_args.optimizer.warmup_steps=0"]
+}  # its configs are CPU-sized already
 SHRINK_DATA = {
     "ModularArithmeticDataModule": [
         "--data.init_args.num_tasks=4",
@@ -35,13 +40,24 @@ SHRINK_DATA = {
 }
 
 
-def shrunk(tmp_path, config):
+def composed(config: str) -> list[str]:
+    """The ``--config`` files of the command in ``config``'s header (``Run: lightning-icl fit ...``)."""
     with open(config) as f:
-        parsed = yaml.safe_load(f)
+        head = f.read().split("seed_everything")[0]
+    run = re.search(r"Run: lightning-icl fit (.*)", head).group(1)
+    return [os.path.join(ROOT, path) for path in re.findall(r"--config (\S+)", run)]
+
+
+def shrunk(tmp_path, config):
+    files = composed(config)
+    parsed = {}
+    for path in files:  # later files override earlier ones, as on the command line
+        with open(path) as f:
+            parsed.update(yaml.safe_load(f))
     data_class = parsed["data"]["class_path"].split(".")[-1]
     model_class = parsed["model"]["class_path"].split(".")[-1]
     return [
-        f"--config={config}",
+        *(f"--config={path}" for path in files),
         "--trainer.accelerator=cpu",
         "--trainer.precision=32",
         "--trainer.max_steps=4",
@@ -63,6 +79,39 @@ def test_every_config_has_a_header_naming_its_source():
         assert head.count("#") >= 3 and "Run: lightning-icl fit --config" in head, config
         if "quickstart" not in config:
             assert "Reproduces:" in head and "Expected:" in head, config
+        # a trainer piece first, then the experiment itself
+        files = [os.path.relpath(path, ROOT) for path in composed(config)]
+        assert files[0].startswith("configs/trainer/") and files[-1] == os.path.relpath(config, ROOT), files
+
+
+def _callback_classes(printed: dict) -> list[str]:
+    return [cb["class_path"].split(".")[-1] for cb in printed["trainer"]["callbacks"] or []]
+
+
+@pytest.mark.parametrize("config", CONFIGS + PIECES, ids=lambda c: os.path.relpath(c, os.path.join(ROOT, "configs")))
+def test_every_file_composes_as_its_header_says_and_parses(config, capsys):
+    """Each experiment with its trainer piece, each piece with the experiment its header names, each
+    add-on after both: the composed config parses; the pieces' callbacks are appended, not replaced."""
+    files = composed(config)
+    assert config in files and all(os.path.exists(path) for path in files), files
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *(f"--config={path}" for path in files), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    listed = []
+    for path in files:
+        with open(path) as f:
+            trainer = yaml.safe_load(f).get("trainer") or {}
+        listed += [cb["class_path"] for cb in trainer.get("callbacks", []) + trainer.get("callbacks+", [])]
+    assert _callback_classes(printed) == [name.split(".")[-1] for name in listed]
+    assert "ModelCheckpoint" in _callback_classes(printed)  # from the trainer piece
+    assert printed["trainer"]["check_val_every_n_epoch"] is None
+
+
+def test_every_file_in_configs_is_exercised():
+    """The test above reaches every file: the experiments, and each piece through some command."""
+    reached = {os.path.normpath(path) for config in CONFIGS + PIECES for path in composed(config)}
+    assert {os.path.normpath(path) for path in CONFIGS + PIECES} <= reached
 
 
 @pytest.mark.slow
@@ -85,8 +134,30 @@ def test_help_and_print_config(capsys):
     with pytest.raises(SystemExit):
         main(["fit", f"--config={config}", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["n_layers"] == 12
+    assert printed["model"]["init_args"]["transformer"]["n_layers"] == 12
     assert printed["data"]["class_path"].endswith("SparseLinearRegressionDataModule")
+
+
+def test_model_configs_and_callback_cadence_from_flags_and_help(capsys):
+    args = [*FLAGS[:2], "--model.transformer.d_model=32", "--model.optimizer.lr=0.01",
+            "--trainer.callbacks+=HeadAblation", "--trainer.callbacks.every_n_steps=50",
+            "--trainer.callbacks+=ICLCurves", "--trainer.callbacks.tag=a"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["init_args"]
+    assert model["transformer"]["d_model"] == 32 and model["optimizer"]["lr"] == 0.01
+    ablation, curves = (cb["init_args"] for cb in printed["trainer"]["callbacks"])
+    assert ablation["every_n_steps"] == 50 and ablation["num_batches"] == 1  # HeadAblation's own default
+    assert curves["tag"] == "a" and curves["num_batches"] == 4 and "dataloader_idx" not in curves
+    for flag, name, listed in [
+        ("--model.help", "ICLModule", ["--model.transformer.d_model", "--model.optimizer.warmup_steps"]),
+        ("--trainer.callbacks.help", "HeadAblation", ["--trainer.callbacks.every_n_steps", "--trainer.callbacks.tag"]),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["fit", flag, name])
+        out = capsys.readouterr().out
+        assert all(f in out for f in listed), out
 
 
 @pytest.mark.slow
@@ -101,7 +172,7 @@ def test_short_class_names_then_validate_and_test_from_the_checkpoint(tmp_path, 
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]
-    model = ["--model=ICLModule", "--model.d_model=32", "--model.n_heads=2"]
+    model = ["--model=ICLModule", "--model.transformer.d_model=32", "--model.transformer.n_heads=2"]
     main(["fit", *model, *common, "--trainer.max_steps=3"])
     ckpts = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
     assert len(ckpts) == 1
@@ -129,9 +200,9 @@ FLAGS = ["--model=ICLModule", "--data=ModularArithmeticDataModule", "--trainer.m
     ("args", "message"),
     [
         (["--data.p=9"], "p must be a prime, got 9"),
-        (["--model.lr=-1"], "lr must be a finite number > 0, got -1"),
+        (["--model.optimizer.lr=-1"], "lr must be a finite number > 0, got -1"),
         (["--data.num_tasks=0"], "num_tasks must be"),
-        (["--model.n_heads=3"], "n_heads"),
+        (["--model.transformer.n_heads=3"], "n_heads"),
         (["--ckpt_path=/nowhere/last.ckpt"], "checkpoint /nowhere/last.ckpt does not exist"),
     ],
 )
@@ -185,7 +256,8 @@ def test_every_shipped_checkpoint_is_written_after_its_steps_validation():
     (it is recovered on resume, at the cost of validating again); the configs save after it."""
     for config in glob.glob(os.path.join(os.path.dirname(CONFIGS[0]), "**", "*.yaml"), recursive=True):
         with open(config) as f:
-            callbacks = (yaml.safe_load(f).get("trainer") or {}).get("callbacks") or []
+            trainer = yaml.safe_load(f).get("trainer") or {}
+        callbacks = (trainer.get("callbacks") or []) + (trainer.get("callbacks+") or [])
         for cb in callbacks:
             if cb["class_path"].endswith("ModelCheckpoint"):
                 args = cb.get("init_args", {})
@@ -195,8 +267,9 @@ def test_every_shipped_checkpoint_is_written_after_its_steps_validation():
 
 @pytest.mark.slow
 def test_a_diverging_fit_stops_in_one_line_with_a_non_zero_status(tmp_path, capsys):
-    args = ["fit", *FLAGS[:2], "--model.lr=1e6", "--model.warmup_steps=0", "--trainer.max_steps=200",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    args = ["fit", *FLAGS[:2], "--model.optimizer.lr=1e6", "--model.optimizer.warmup_steps=0",
+            "--trainer.max_steps=200", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
     code, err = fails(args, capsys)
     assert code == 1
     assert re.match(r"lightning-icl: error: training diverged: train/loss is (nan|inf) at step \d+;", err[-1]), err[-1]
@@ -204,11 +277,9 @@ def test_a_diverging_fit_stops_in_one_line_with_a_non_zero_status(tmp_path, caps
 
 @pytest.mark.slow
 def test_circuits_add_on_config_measures_overlap_between_the_families(tmp_path):
-    config = next(c for c in CONFIGS if "multi_family" in c)
-    add_on = os.path.join(os.path.dirname(config), "add", "circuits.yaml")
-    args = shrunk(tmp_path, config)
+    add_on = next(c for c in PIECES if c.endswith(os.path.join("add", "circuits.yaml")))
     # the add-on reads 2 held-out batches per family: the shrunk data keeps 2 (not 1) of them
-    main(["fit", *args[:1], f"--config={add_on}", *args[1:], "--data.init_args.num_eval_batches=2"])
+    main(["fit", *shrunk(tmp_path, add_on), "--data.init_args.num_eval_batches=2"])
     record = json.loads((tmp_path / "run" / "version_0" / "circuits.jsonl").read_text().splitlines()[-1])
     assert record["families"] == ["modular", "bitwise"]
 
@@ -231,7 +302,8 @@ def test_the_flag_only_command_validates_and_prints_its_summary(tmp_path, capsys
     args = [
         "fit", "--model", "ICLModule", "--data", "ModularArithmeticDataModule", "--data.p", "7",
         "--data.num_tasks", "4", "--data.batch_size", "8", "--data.num_shots", "4", "--data.num_eval_batches", "1",
-        "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--trainer.max_steps", "10",
+        "--model.transformer.d_model", "32", "--model.transformer.n_layers", "1", "--model.transformer.n_heads", "2",
+        "--trainer.max_steps", "10",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     with caplog.at_level("INFO"):

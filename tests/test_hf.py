@@ -24,6 +24,7 @@ from conftest import tiny_modular, trainer_kwargs
 from lightning_icl import AttentionStatistics, CaptureSpec, HFCausalLMModule
 from lightning_icl.adapters import HFCausalLMAdapter
 from lightning_icl.cli import main
+from lightning_icl.config import OptimizerConfig
 
 VOCAB, T = 11, 12
 SMALL = dict(vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -264,7 +265,9 @@ TINY_LLAMA = dict(
 def test_attention_statistics_on_a_hf_model_while_it_trains(tmp_path):
     torch.manual_seed(0)
     data = tiny_modular()
-    module = HFCausalLMModule(task=data.task_info, config=TINY_LLAMA, lr=3e-3, warmup_steps=2)
+    module = HFCausalLMModule(
+        task=data.task_info, config=TINY_LLAMA, optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2)
+    )
     attention = AttentionStatistics(every_n_steps=5)
     L.Trainer(**trainer_kwargs(tmp_path, max_steps=10, callbacks=[attention])).fit(module, data)
     assert [r["step"] for r in attention.history] == [5, 10]

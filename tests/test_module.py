@@ -4,11 +4,13 @@ import os
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import tiny_modular, tiny_module, trainer_kwargs
 from lightning_icl import ICLModule, SparseLinearRegressionDataModule
+from lightning_icl.config import OptimizerConfig, TransformerConfig
 from lightning_icl.metrics import PerShotMean, per_shot_mean
 from lightning_icl.optim import lr_factor
 
@@ -65,6 +67,31 @@ def test_bad_module_arguments_are_named(modular_data, kwargs, message):
         ICLModule()
 
 
+def test_configs_are_kept_as_plain_hyperparameters_and_restored_from_a_checkpoint(modular_data, tmp_path):
+    module = ICLModule(
+        modular_data.task_info,
+        TransformerConfig(d_model=32, n_layers=1, n_heads=2, positional="learned"),
+        OptimizerConfig(lr=3e-3, betas=(0.9, 0.99)),
+    )
+    assert module.model.config.vocab_size == modular_data.task_info.vocab_size  # from the task
+    assert module.model.max_seq_len == modular_data.task_info.seq_len
+    logger = CSVLogger(str(tmp_path), name="run")
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=1, limit_val_batches=0, logger=logger))
+    trainer.fit(module, modular_data)
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
+        saved = yaml.safe_load(f)  # plain values only
+    assert saved["transformer"]["positional"] == "learned" and saved["optimizer"]["betas"] == [0.9, 0.99]
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = ICLModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert restored.model.config == module.model.config and restored.optimizer_config == module.optimizer_config
+    # the same module from flat keywords, and from the dicts hparams.yaml holds
+    flat = ICLModule.from_kwargs(modular_data.task_info, d_model=32, n_layers=1, n_heads=2, positional="learned",
+                                 lr=3e-3, betas=(0.9, 0.99))  # fmt: skip
+    dicts = ICLModule(modular_data.task_info, saved["transformer"], saved["optimizer"])
+    for other in (flat, dicts):
+        assert other.model.config == module.model.config and other.optimizer_config == module.optimizer_config
+
+
 def test_short_fit_learns_in_context_and_logs_curves(tmp_path):
     L.seed_everything(0)
     data = tiny_modular(num_shots=12, batch_size=64)
@@ -86,7 +113,7 @@ def test_short_fit_learns_in_context_and_logs_curves(tmp_path):
 
 def test_vector_task_logs_mse(tmp_path):
     data = SparseLinearRegressionDataModule(dim=8, num_bases=2, rank=4, num_shots=6, batch_size=16, num_eval_batches=2)
-    module = ICLModule(task=data.task_info, d_model=32, n_layers=1, n_heads=2, lr=1e-3)
+    module = ICLModule.from_kwargs(task=data.task_info, d_model=32, n_layers=1, n_heads=2, lr=1e-3)
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=10, val_check_interval=10, logger=False))
     trainer.fit(module, data)
     assert set(module.last_eval) == {"val/all/mse", "val/all/mse_shot0", "val/all/mse_last"}

@@ -65,6 +65,7 @@ def test_report_of_a_sweep_draws_its_phase_diagram(run_dir, tmp_path):
     grid = [(4, 0.5), (8, 0.5), (4, 0.7), (8, 0.7)]
     runs = copies_with(run_dir, tmp_path, "run", [{"num_tasks": n, "alpha": a} for n, a in grid])
     assert hyperparameters(runs[1])["num_tasks"] == 8
+    assert hyperparameters(runs[1])["d_model"] == 32 and hyperparameters(runs[1])["lr"] == 3e-3  # the model's configs
     main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "num_tasks,alpha"])
     assert (tmp_path / "sweep" / "phase_diagram.png").exists()
     assert (tmp_path / "sweep" / "run3_decodability.png").exists()  # every run's figures, prefixed

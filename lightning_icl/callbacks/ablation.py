@@ -32,7 +32,8 @@ class HeadAblation(ICLCallback):
         top_k: heads listed in the record.
         heads_per_forward: heads ablated per pass (bounds memory: each adds a copy of the
             batch from its layer up); ``None`` ablates all heads in one pass.
-        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
+        num_batches: held-out batches per measurement.
+        every_n_steps, on_validation, dataloader_idx, tag (``**cadence``): see :class:`ICLCallback`.
     """
 
     name = "ablation"
@@ -42,13 +43,10 @@ class HeadAblation(ICLCallback):
         mode: str = "zero",
         top_k: int = 5,
         heads_per_forward: int | None = None,
-        every_n_steps: int | None = None,
-        on_validation: bool = True,
         num_batches: int = 1,
-        dataloader_idx: int = 0,
-        tag: str | None = None,
+        **cadence,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
+        super().__init__(num_batches=num_batches, **cadence)
         check_ablation_mode(mode)
         check_optional_positive("heads_per_forward", heads_per_forward)
         check_positive("top_k", top_k)

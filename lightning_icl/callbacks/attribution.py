@@ -40,7 +40,8 @@ class HeadAttribution(ICLCallback):
             estimates zero ablation only.
         steps: integration points of ``"integrated"`` (each costs about three ablation passes).
         top_k: heads listed in the record.
-        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
+        num_batches: held-out batches per measurement.
+        every_n_steps, on_validation, dataloader_idx, tag (``**cadence``): see :class:`ICLCallback`.
     """
 
     name = "attribution"
@@ -51,13 +52,10 @@ class HeadAttribution(ICLCallback):
         mode: str = "mean",
         steps: int = 2,
         top_k: int = 5,
-        every_n_steps: int | None = None,
-        on_validation: bool = True,
         num_batches: int = 1,
-        dataloader_idx: int = 0,
-        tag: str | None = None,
+        **cadence,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
+        super().__init__(num_batches=num_batches, **cadence)
         check_choice("method", method, ATTRIBUTION_CALLBACK_METHODS)
         check_ablation_mode(mode)
         if method == "training" and mode != "zero":

@@ -64,8 +64,8 @@ class CircuitOverlap(ICLCallback):
         score: ``"ablation"`` or ``"attribution"``.
         mode: the ablation (``"zero"``, ``"mean"``, ``"resample"``).
         attribution_steps: integration points of ``score="attribution"``.
-        every_n_steps, on_validation, num_batches, tag: see :class:`ICLCallback` (``num_batches``
-            per loader).
+        num_batches: held-out batches per measurement, from each family's loaders.
+        every_n_steps, on_validation, tag (``**cadence``): see :class:`ICLCallback`.
     """
 
     name = "circuits"
@@ -77,12 +77,10 @@ class CircuitOverlap(ICLCallback):
         score: str = "ablation",
         mode: str = "mean",
         attribution_steps: int = 2,
-        every_n_steps: int | None = None,
-        on_validation: bool = True,
         num_batches: int = 1,
-        tag: str | None = None,
+        **cadence,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, tag=tag)
+        super().__init__(num_batches=num_batches, dataloader_idx=0, **cadence)  # it reads every loader
         check_positive("attribution_steps", attribution_steps)
         self.attribution_steps = attribution_steps
         check_number("top_fraction", top_fraction, 0.0, 1.0, low_open=True)

@@ -31,7 +31,8 @@ class ICLCurves(ICLCallback):
 
     Args:
         by_concept: also keep a loss curve per concept label.
-        every_n_steps, on_validation, num_batches, tag: see :class:`ICLCallback`.
+        num_batches: held-out batches per measurement.
+        every_n_steps, on_validation, tag (``**cadence``): see :class:`ICLCallback`.
     """
 
     name = "curves"
@@ -39,12 +40,10 @@ class ICLCurves(ICLCallback):
     def __init__(
         self,
         by_concept: bool = False,
-        every_n_steps: int | None = None,
-        on_validation: bool = True,
         num_batches: int = 4,
-        tag: str | None = None,
+        **cadence,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, tag=tag)
+        super().__init__(num_batches=num_batches, dataloader_idx=0, **cadence)  # it reads every loader
         check_flag("by_concept", by_concept)
         self.by_concept = by_concept
         self._from_validation: dict[int, _Sums] = {}  # sums read from the running validation pass

@@ -48,7 +48,8 @@ class ConceptDecodability(ICLCallback):
         probe: also fit a closed-form ridge probe on half the points and score it on the other half.
         by_shot: also measure CD at the token before *every* answer, so after 0, 1, ... examples
             (``cd_by_shot`` ``[L][shots]``; Han et al.'s decodability growing with the shots).
-        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`.
+        num_batches: held-out batches per measurement.
+        every_n_steps, on_validation, dataloader_idx, tag (``**cadence``): see :class:`ICLCallback`.
     """
 
     name = "decodability"
@@ -61,13 +62,10 @@ class ConceptDecodability(ICLCallback):
         by_shot: bool = False,
         permutations: int = 100,
         bootstrap: int = 1000,
-        every_n_steps: int | None = None,
-        on_validation: bool = True,
         num_batches: int = 4,
-        dataloader_idx: int = 0,
-        tag: str | None = None,
+        **cadence,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
+        super().__init__(num_batches=num_batches, **cadence)
         check_positive("k", k)
         check_choice("distance", distance, DISTANCES)
         check_positive("permutations", permutations, minimum=0)

@@ -44,8 +44,8 @@ class ConceptPatching(ICLCallback):
         scale: multiplies the direction in ``"shift"``.
         zero_shot: also patch zero-shot prompts.
         function_vectors: also measure every head's indirect effect.
-        every_n_steps, on_validation, num_batches, dataloader_idx, tag: see :class:`ICLCallback`
-            (``num_batches`` >= 2).
+        num_batches: held-out batches per measurement, at least 2.
+        every_n_steps, on_validation, dataloader_idx, tag (``**cadence``): see :class:`ICLCallback`.
     """
 
     name = "patching"
@@ -57,13 +57,10 @@ class ConceptPatching(ICLCallback):
         scale: float = 1.0,
         zero_shot: bool = True,
         function_vectors: bool = True,
-        every_n_steps: int | None = None,
-        on_validation: bool = True,
         num_batches: int = 4,
-        dataloader_idx: int = 0,
-        tag: str | None = None,
+        **cadence,
     ) -> None:
-        super().__init__(every_n_steps, on_validation, num_batches, dataloader_idx, tag)
+        super().__init__(num_batches=num_batches, **cadence)
         if num_batches < 2:
             raise ValueError(f"num_batches must be >= 2 (half give the means, half are patched), got {num_batches}")
         check_choice("method", method, PATCH_METHODS)

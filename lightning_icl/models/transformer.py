@@ -16,6 +16,7 @@ Every activation a capture, a gate or a patch reaches has a named hook point
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -23,13 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_icl.capture import Capture, CaptureSpec, capture_hooks
-from lightning_icl.checks import check_choice, check_flag, check_number, check_optional_positive, check_positive
+from lightning_icl.config import TransformerConfig
 from lightning_icl.hooks import HookedModule, HookPoint, merge_hooks
 from lightning_icl.interventions.gating import check_ablate_with, check_head_gates, gating_hooks
-from lightning_icl.kernels import BACKENDS, capture_attention, check_head_dim
+from lightning_icl.kernels import capture_attention
 
-POSITIONAL = ("rope", "learned", "none")
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}  # the layer of each of config.ACTIVATIONS
 
 
 class Rotary(nn.Module):
@@ -130,85 +130,44 @@ class Block(nn.Module):
 
 
 class ICLTransformer(HookedModule):
-    """GPT-style decoder for ICL tasks, with the hook points listed in the module docstring
-    (:meth:`hook_points`; ``with model.hooks({name: fn}):`` runs hooks for one call).
+    """GPT-style decoder for ICL tasks, built from a :class:`~lightning_icl.config.TransformerConfig`,
+    with the hook points listed in the module docstring (:meth:`hook_points`; ``with
+    model.hooks({name: fn}):`` runs hooks for one call).
 
-    Args:
-        vocab_size: number of tokens (token tasks; tied embedding/unembedding when
-            ``tie_embeddings``). Give this or ``input_dim``.
-        input_dim: width of input vectors (vector tasks; linear read-in, read-out to ``output_dim``).
-        output_dim: width of the read-out for vector tasks.
-        d_model, n_layers, n_heads: sizes; ``d_model / n_heads`` must be a head dim the kernel supports.
-        d_mlp: MLP width (default 4 * d_model).
-        max_seq_len: longest sequence accepted.
-        positional: ``"rope"``, ``"learned"`` or ``"none"``.
-        bias: biases in linear layers and layer norms.
-        activation: ``"relu"`` or ``"gelu"``.
-        init_std: std of the normal init; output projections get ``init_std / sqrt(2 n_layers)``.
-        attention_backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``capture_attention``).
+    ``ICLTransformer(TransformerConfig(vocab_size=11, d_model=64))``, or the config's fields as
+    keywords: ``ICLTransformer(vocab_size=11, d_model=64)`` (with a config too, they replace its
+    fields). Token tasks (``vocab_size``) get an embedding, tied to the unembedding when
+    ``tie_embeddings``; vector tasks (``input_dim``) a linear read-in and a read-out to
+    ``output_dim``. The config is kept as ``config``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 0,
-        input_dim: int = 0,
-        output_dim: int = 1,
-        d_model: int = 128,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        d_mlp: int | None = None,
-        max_seq_len: int = 256,
-        positional: str = "rope",
-        bias: bool = False,
-        activation: str = "relu",
-        tie_embeddings: bool = True,
-        init_std: float = 0.02,
-        attention_backend: str = "auto",
-    ) -> None:
+    def __init__(self, config: TransformerConfig | None = None, **fields) -> None:
         super().__init__()
-        check_positive("vocab_size", vocab_size, minimum=0)
-        check_positive("input_dim", input_dim, minimum=0)
-        if (vocab_size > 0) == (input_dim > 0):
-            raise ValueError(
-                "give exactly one of vocab_size (token tasks) and input_dim (vector tasks), "
-                f"got vocab_size={vocab_size}, input_dim={input_dim}"
-            )
-        for name, value in (
-            ("d_model", d_model),
-            ("n_layers", n_layers),
-            ("n_heads", n_heads),
-            ("max_seq_len", max_seq_len),
-            ("output_dim", output_dim),
-        ):
-            check_positive(name, value)
-        check_optional_positive("d_mlp", d_mlp)
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        check_head_dim(d_model // n_heads, argument=f"d_model / n_heads = {d_model}/{n_heads}")
-        check_choice("positional", positional, POSITIONAL)
-        check_choice("activation", activation, ACTIVATIONS)
-        check_choice("attention_backend", attention_backend, BACKENDS)
-        check_flag("bias", bias)
-        check_flag("tie_embeddings", tie_embeddings)
-        check_number("init_std", init_std, low=0.0)
-        self.n_layers, self.n_heads, self.d_model = n_layers, n_heads, d_model
-        self.head_dim, self.max_seq_len = d_model // n_heads, max_seq_len
-        self.is_token_model = vocab_size > 0
+        config = TransformerConfig() if config is None else config
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(f"config must be a TransformerConfig, got {config!r}")
+        config = dataclasses.replace(config, **fields) if fields else config
+        config.check_sizes()
+        self.config = config
+        d_model, bias = config.d_model, config.bias
+        self.n_layers, self.n_heads, self.d_model = config.n_layers, config.n_heads, d_model
+        self.head_dim, self.max_seq_len = config.head_dim, config.context
+        self.is_token_model = config.vocab_size > 0
 
         if self.is_token_model:
-            self.embed = nn.Embedding(vocab_size, d_model)
-            self.unembed = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+            self.embed = nn.Embedding(config.vocab_size, d_model)
+            self.unembed = None if config.tie_embeddings else nn.Linear(d_model, config.vocab_size, bias=False)
         else:
-            self.read_in = nn.Linear(input_dim, d_model, bias=bias)
-            self.read_out = nn.Linear(d_model, output_dim, bias=bias)
-        self.pos_embed = nn.Embedding(max_seq_len, d_model) if positional == "learned" else None
-        rotary = Rotary(self.head_dim, max_seq_len) if positional == "rope" else None
-        d_mlp = 4 * d_model if d_mlp is None else d_mlp
+            self.read_in = nn.Linear(config.input_dim, d_model, bias=bias)
+            self.read_out = nn.Linear(d_model, config.output_dim, bias=bias)
+        self.pos_embed = nn.Embedding(self.max_seq_len, d_model) if config.positional == "learned" else None
+        rotary = Rotary(self.head_dim, self.max_seq_len) if config.positional == "rope" else None
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_mlp, bias, activation, rotary, attention_backend) for _ in range(n_layers)
+            Block(d_model, config.n_heads, config.mlp_width, bias, config.activation, rotary, config.attention_backend)
+            for _ in range(config.n_layers)
         )
         self.ln_f = nn.LayerNorm(d_model, bias=bias)
-        self._init_weights(init_std)
+        self._init_weights(config.init_std)
 
     def _init_weights(self, std: float) -> None:
         for name, p in self.named_parameters():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -140,9 +141,9 @@ def core_sweep(
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     rest = {k: v for k, v in prune_kwargs.items() if k not in ("steps", "warmup_steps", "val_every", "accelerator")}
+    steps = prune_kwargs.get("steps", _defaults(prune)["steps"])
     for s in sparsities:
-        check_prune_arguments(module, s, prune_kwargs.get("steps", 500), prune_kwargs.get("warmup_steps"),
-                              prune_kwargs.get("val_every"), **rest)  # fmt: skip
+        check_prune_arguments(module, s, steps, prune_kwargs.get("warmup_steps"), prune_kwargs.get("val_every"), **rest)
     runs = []
     grid = [(s, n) for s in sparsities for n in seeds]
     with _quiet():
@@ -166,16 +167,25 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _defaults(fn) -> dict:
+    """The default of every parameter of ``fn``: the command lines take theirs from the functions they call."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
 def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    run, masks = _defaults(prune), _defaults(SubnetworkPruning.__init__)
     parser.add_argument("--ckpt", required=True, help="ICLModule checkpoint (from lightning-icl fit)")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per subnetwork")
-    parser.add_argument("--warmup_steps", type=int, default=None, help="target ramp length (default: steps / 2)")
-    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the masks")
-    parser.add_argument("--lambda_lr", type=float, default=0.1, help="learning rate of the multipliers")
-    parser.add_argument("--weighting", choices=WEIGHTINGS, default="params", help="how units count to sparsity")
-    parser.add_argument("--init_log_alpha", type=float, default=10.0, help="initial log alpha of every mask")
-    parser.add_argument("--kl", choices=DIVERGENCES, default="pruned_full", help="KL(pruned||full) or reverse")
-    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--steps", type=int, default=run["steps"], help="optimizer steps per subnetwork")
+    parser.add_argument("--warmup_steps", type=int, default=run["warmup_steps"],
+                        help="target ramp length (default: steps / 2)")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=masks["lr"], help="Adam learning rate of the masks")
+    parser.add_argument("--lambda_lr", type=float, default=masks["lambda_lr"], help="learning rate of the multipliers")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=masks["weighting"],
+                        help="how units count to sparsity")  # fmt: skip
+    parser.add_argument("--init_log_alpha", type=float, default=masks["init_log_alpha"],
+                        help="initial log alpha of every mask")  # fmt: skip
+    parser.add_argument("--kl", choices=DIVERGENCES, default=masks["kl"], help="KL(pruned||full) or reverse")
+    parser.add_argument("--accelerator", default=run["accelerator"])
 
 
 def _pruning_kwargs(args: argparse.Namespace) -> dict:
@@ -188,8 +198,9 @@ def prune_main(argv: Sequence[str]) -> dict:
         prog="lightning-icl prune", description="Learn one subnetwork of a checkpoint; write mask.json."
     )
     _add_pruning_arguments(parser)
-    parser.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    run = _defaults(prune)
+    parser.add_argument("--sparsity", type=float, default=run["sparsity"], help="target sparsity in [0, 1)")
+    parser.add_argument("--seed", type=int, default=run["seed"])
     parser.add_argument("--out", default=None, help="run directory (default: runs/prune/sparsity{S}_seed{N})")
     args = parser.parse_args(list(argv))
     out = args.out or os.path.join("runs", "prune", f"sparsity{args.sparsity:.2f}_seed{args.seed}")
@@ -208,10 +219,13 @@ def core_main(argv: Sequence[str]) -> dict:
         prog="lightning-icl core", description="Subnetworks at sparsities x seeds, and their heuristic core."
     )
     _add_pruning_arguments(parser)
-    parser.add_argument("--sparsities", type=_floats, default=[0.3, 0.5, 0.7], help="comma-separated, e.g. 0.3,0.5")
-    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated, e.g. 0,1,2")
-    parser.add_argument("--fraction", type=float, default=1.0, help="core: heads kept by >= this fraction of runs")
-    parser.add_argument("--margin", type=float, default=0.03, help="effective size: accuracy margin")
+    sweep = _defaults(core_sweep)
+    parser.add_argument("--sparsities", type=_floats, default=list(sweep["sparsities"]),
+                        help="comma-separated, e.g. 0.3,0.5")  # fmt: skip
+    parser.add_argument("--seeds", type=_ints, default=list(sweep["seeds"]), help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--fraction", type=float, default=sweep["fraction"],
+                        help="core: heads kept by >= this fraction of runs")  # fmt: skip
+    parser.add_argument("--margin", type=float, default=sweep["margin"], help="effective size: accuracy margin")
     parser.add_argument("--out", default=os.path.join("runs", "core"), help="output directory")
     args = parser.parse_args(list(argv))
     module, data = load_trained(args.ckpt)

@@ -46,7 +46,7 @@ def main(root: str, policy: str, die: str, ckpt: str | None = None) -> None:
     L.seed_everything(0)
     data = ModularArithmeticDataModule(p=5, num_tasks=4, num_ood_tasks=4, num_shots=4, batch_size=16,
                                        eval_batch_size=16, num_eval_batches=2, seed=0)  # fmt: skip
-    module = ICLModule(task=data.task_info, d_model=32, n_layers=2, n_heads=2, lr=3e-3, warmup_steps=2)
+    module = ICLModule.from_kwargs(task=data.task_info, d_model=32, n_layers=2, n_heads=2, lr=3e-3, warmup_steps=2)
     if policy == "steps":
         checkpoint = ModelCheckpoint(every_n_train_steps=10, save_last=True, save_top_k=0)
     else:

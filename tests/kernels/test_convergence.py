@@ -14,7 +14,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def loss_curve(backend: str, device: str, steps: int) -> list[float]:
     data = ModularArithmeticDataModule(p=7, num_tasks=4, num_shots=8, batch_size=8)
     torch.manual_seed(0)
-    module = ICLModule(task=data.task_info, d_model=32, n_layers=2, n_heads=2, attention_backend=backend).to(device)
+    module = ICLModule.from_kwargs(
+        task=data.task_info, d_model=32, n_layers=2, n_heads=2, attention_backend=backend
+    ).to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
     sampler = data.train_sampler()
     losses = []

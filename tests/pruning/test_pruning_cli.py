@@ -21,8 +21,8 @@ def checkpoint(tmp_path_factory):
         [
             "fit",
             "--model=ICLModule",
-            "--model.d_model=32",
-            "--model.n_heads=2",
+            "--model.transformer.d_model=32",
+            "--model.transformer.n_heads=2",
             "--data=ModularArithmeticDataModule",
             "--data.p=7",
             "--data.num_tasks=4",
@@ -44,6 +44,19 @@ def test_checkpoint_gives_back_the_module_and_the_datamodule(checkpoint):
     assert module.model.n_heads == 2 and data.p == 7 and data.num_shots == 8
     assert data.batch_format == "icl"
     assert data.val_dataloader()[0].dataset.name == "val/id_seen"
+
+
+def test_a_checkpoint_with_the_earlier_flat_model_arguments_still_loads(checkpoint, tmp_path):
+    saved = torch.load(checkpoint, weights_only=False)
+    hp = saved["hyper_parameters"]
+    assert set(hp["transformer"]) >= {"d_model", "n_heads"} and "lr" in hp["optimizer"]  # plain dicts
+    saved["hyper_parameters"] = {"task": hp["task"], **hp["transformer"], **hp["optimizer"]}
+    torch.save(saved, tmp_path / "flat.ckpt")
+    module, data = load_trained(str(tmp_path / "flat.ckpt"))
+    current, _ = load_trained(checkpoint)
+    assert module.model.config == current.model.config and module.optimizer_config == current.optimizer_config
+    torch.testing.assert_close(module.state_dict(), current.state_dict())
+    assert data.p == 7
 
 
 def test_datamodule_of_a_plain_trainer_fit_is_found_by_its_arguments(tmp_path):

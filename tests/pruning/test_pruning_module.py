@@ -71,7 +71,7 @@ def planted(tmp_path_factory):
     """A 1-layer, 4-head model trained to copy with every head but PLANTED zero-ablated."""
     L.seed_everything(0, verbose=False)
     data = CopyDataModule()
-    module = ICLModule(
+    module = ICLModule.from_kwargs(
         task=data.task_info, d_model=64, n_layers=1, n_heads=4, positional="learned", lr=1e-2, warmup_steps=10
     )
     gates = torch.zeros(1, 4)
