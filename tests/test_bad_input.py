@@ -26,7 +26,6 @@ from lightning_icl import (
     CircuitOverlap,
     ConceptDecodability,
     ConceptPatching,
-    HardConcrete,
     HeadAblation,
     HeadAttribution,
     ICLCurves,
@@ -37,9 +36,6 @@ from lightning_icl import (
     SparseLinearRegressionDataModule,
     SubnetworkPruning,
     TaskInfo,
-    effective_size,
-    heuristic_core,
-    keep_frequency,
 )
 from lightning_icl.adapters import ICLModuleAdapter
 from lightning_icl.interventions import ablate_with, ablation_effects, head_attribution
@@ -53,6 +49,7 @@ from lightning_icl.metrics.functional import (
     ridge_probe_accuracy,
 )
 from lightning_icl.optim import decay_groups, lr_factor
+from lightning_icl.pruning import HardConcrete, effective_size, heuristic_core, keep_frequency
 from lightning_icl.tasks import BitwiseDataModule
 
 NAN, INF = float("nan"), float("inf")

@@ -8,16 +8,14 @@ answers with a uniformly random string, so it has no rule to infer.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor
 
 from lightning_icl.checks import check_flag, check_number, check_positive
 
-from .base import ICLDataModule, Sampler, TaskInfo, generator_for
+from .base import ICLDataModule, TaskInfo, generator_for
 from .batch import ICLBatch
-from .modular import check_balanced, split_inputs, task_set_eval_batch, task_set_train_batch, triples_batch
+from .modular import TaskSetSampling, check_balanced, split_inputs, triples_batch
 
 OPS = ("AND", "NAND", "OR", "NOR", "XOR", "XNOR", "Null")
 """Every operation; the concept label of a sequence is its operation's index in this tuple."""
@@ -49,7 +47,7 @@ def sample_sequences(
     return triples_batch(x1, x2, y, ops.clone(), split)  # x1 x2 y x1 x2 y ...
 
 
-class BitwiseDataModule(ICLDataModule):
+class BitwiseDataModule(TaskSetSampling, ICLDataModule):
     """Bitwise operations on n-bit strings (Han et al. 2024), one operation per sequence.
 
     Args:
@@ -118,33 +116,17 @@ class BitwiseDataModule(ICLDataModule):
             eval_splits=list(self.eval_samplers()),
         )
 
-    def train_sampler(self) -> Sampler:
-        return partial(
-            task_set_train_batch,
-            sample=sample_sequences,
-            tasks=self.ops,
-            pairs=self.train_pairs,
-            num_shots=self.num_shots,
-            size=self.n_bits,
-            batch_size=self.batch_size,
-            balanced=self.balanced,
-        )
+    sample = staticmethod(sample_sequences)
 
-    def eval_samplers(self) -> dict[str, Sampler]:
+    @property
+    def training_tasks(self) -> Tensor:
+        return self.ops
+
+    @property
+    def input_size(self) -> int:
+        return self.n_bits
+
+    def eval_sources(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self.test_pairs.shape[0]:
-            sources = {"seen": self.train_pairs, "unseen": self.test_pairs}
-        else:
-            sources = {"all": self.train_pairs}
-        return {
-            name: partial(
-                task_set_eval_batch,
-                sample=sample_sequences,
-                name=name,
-                tasks=self.ops,
-                pairs=pairs,
-                num_shots=self.num_shots,
-                size=self.n_bits,
-                batch_size=self.eval_batch_size,
-            )
-            for name, pairs in sources.items()
-        }
+            return {"seen": (self.ops, self.train_pairs), "unseen": (self.ops, self.test_pairs)}
+        return {"all": (self.ops, self.train_pairs)}

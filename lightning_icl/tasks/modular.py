@@ -110,7 +110,45 @@ def sample_sequences(
     return triples_batch(x, y, z, tasks[:, 0] * p + tasks[:, 1], split)
 
 
-class ModularArithmeticDataModule(ICLDataModule):
+class TaskSetSampling:
+    """``train_sampler`` / ``eval_samplers`` of a family of tasks applied to pairs of inputs.
+
+    A DataModule mixing this in sets ``training_tasks``, ``train_pairs``, ``input_size`` (what its
+    ``sample`` takes as the input range), ``num_shots``, ``balanced`` and the batch sizes, names its
+    sequence layout as the static method ``sample``, and returns its evaluation splits as
+    ``{name: (tasks, pairs)}`` from ``eval_sources``; splits with no task or no pair are left out.
+    """
+
+    def train_sampler(self) -> Sampler:
+        return partial(
+            task_set_train_batch,
+            sample=self.sample,
+            tasks=self.training_tasks,
+            pairs=self.train_pairs,
+            num_shots=self.num_shots,
+            size=self.input_size,
+            batch_size=self.batch_size,
+            balanced=self.balanced,
+        )
+
+    def eval_samplers(self) -> dict[str, Sampler]:
+        return {
+            name: partial(
+                task_set_eval_batch,
+                sample=self.sample,
+                name=name,
+                tasks=tasks,
+                pairs=pairs,
+                num_shots=self.num_shots,
+                size=self.input_size,
+                batch_size=self.eval_batch_size,
+            )
+            for name, (tasks, pairs) in self.eval_sources().items()
+            if tasks.shape[0] and pairs.shape[0]
+        }
+
+
+class ModularArithmeticDataModule(TaskSetSampling, ICLDataModule):
     """He et al. 2024 modular arithmetic ICL: sequences ``x y z x y z ...`` with z = a·x + b·y mod p.
 
     Example:
@@ -196,38 +234,22 @@ class ModularArithmeticDataModule(ICLDataModule):
             eval_splits=list(self.eval_samplers()),
         )
 
-    def train_sampler(self) -> Sampler:
-        return partial(
-            task_set_train_batch,
-            sample=sample_sequences,
-            tasks=self.id_tasks,
-            pairs=self.train_pairs,
-            num_shots=self.num_shots,
-            size=self.p,
-            batch_size=self.batch_size,
-            balanced=self.balanced,
-        )
+    sample = staticmethod(sample_sequences)
 
-    def eval_samplers(self) -> dict[str, Sampler]:
-        sources = {
+    @property
+    def training_tasks(self) -> Tensor:
+        return self.id_tasks
+
+    @property
+    def input_size(self) -> int:
+        return self.p
+
+    def eval_sources(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {
             "id_seen": (self.id_tasks, self.train_pairs),
             "id_unseen": (self.id_tasks, self.test_pairs),
             "ood_seen": (self.ood_tasks, self.train_pairs),
             "ood_unseen": (self.ood_tasks, self.test_pairs),
-        }
-        return {
-            name: partial(
-                task_set_eval_batch,
-                sample=sample_sequences,
-                name=name,
-                tasks=tasks,
-                pairs=pairs,
-                num_shots=self.num_shots,
-                size=self.p,
-                batch_size=self.eval_batch_size,
-            )
-            for name, (tasks, pairs) in sources.items()
-            if tasks.shape[0] and pairs.shape[0]
         }
 
 
