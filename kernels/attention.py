@@ -373,13 +373,3 @@ def attention_probability(
     keys = torch.gather(k.float(), 2, safe[:, None, :, None].expand(b, h, t_q, d))  # [B, H, Tq, Dh]
     s = (q.float() * keys).sum(-1) * scale
     return torch.where(valid[:, None], torch.exp(s - lse.float()), torch.zeros_like(s)).detach()
-
-
-__all__ = [
-    "BACKENDS",
-    "SUPPORTED_HEAD_DIMS",
-    "SUPPORTED_STATS",
-    "attention_probability",
-    "capture_attention",
-    "check_head_dim",
-]

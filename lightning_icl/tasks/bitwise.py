@@ -100,6 +100,7 @@ class BitwiseDataModule(TaskSetSampling, ICLDataModule):
         self.n_bits, self.num_shots, self.balanced = n_bits, num_shots, balanced
         self.save_hyperparameters()
         self.ops = torch.tensor([OPS.index(op) for op in ops], dtype=torch.long)
+        self.training_tasks, self.input_size = self.ops, n_bits  # what TaskSetSampling draws from
         # the 4**n_bits (x1, x2) pairs, shuffled once; the first round(alpha * 4**n_bits) are seen in training
         self.train_pairs, self.test_pairs = split_inputs(1 << n_bits, alpha, generator_for(seed, "alpha_split"))
 
@@ -117,14 +118,6 @@ class BitwiseDataModule(TaskSetSampling, ICLDataModule):
         )
 
     sample = staticmethod(sample_sequences)
-
-    @property
-    def training_tasks(self) -> Tensor:
-        return self.ops
-
-    @property
-    def input_size(self) -> int:
-        return self.n_bits
 
     def eval_sources(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self.test_pairs.shape[0]:

@@ -218,6 +218,7 @@ class ModularArithmeticDataModule(TaskSetSampling, ICLDataModule):
 
         build = rectangular_task_set if task_rule == "rectangular" else random_task_set
         self.id_tasks = build(p, num_tasks, generator_for(seed, "id_tasks"))
+        self.training_tasks, self.input_size = self.id_tasks, p  # what TaskSetSampling draws from
         self.ood_tasks = ood_task_set(p, self.id_tasks, num_ood_tasks, generator_for(seed, "ood_tasks"))
         self.train_pairs, self.test_pairs = split_inputs(p, alpha, generator_for(seed, "alpha_split"))
 
@@ -235,14 +236,6 @@ class ModularArithmeticDataModule(TaskSetSampling, ICLDataModule):
         )
 
     sample = staticmethod(sample_sequences)
-
-    @property
-    def training_tasks(self) -> Tensor:
-        return self.id_tasks
-
-    @property
-    def input_size(self) -> int:
-        return self.p
 
     def eval_sources(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {
