@@ -3,7 +3,8 @@
 The names here are the ones a study starts from:
 
 - modules and models: :class:`ICLModule` (trains an :class:`ICLTransformer`),
-  :class:`HFCausalLMModule` (a Hugging Face causal LM on the same tasks);
+  :class:`HFCausalLMModule` (a Hugging Face causal LM on the same tasks), and their
+  configuration, :class:`TransformerConfig` and :class:`OptimizerConfig`;
 - tasks: the DataModules, :class:`ICLBatch` and :class:`TaskInfo`;
 - what a forward keeps: :class:`CaptureSpec` and :class:`Capture`;
 - callbacks that measure during training (:class:`ICLCallback` and its subclasses);
@@ -31,6 +32,7 @@ from lightning_icl.callbacks import (
 )
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_trained
+from lightning_icl.config import OptimizerConfig, TransformerConfig
 from lightning_icl.hf_module import HFCausalLMModule
 from lightning_icl.interventions import ablation_effects, head_attribution
 from lightning_icl.interventions.patching import concept_patching, function_vector_effects
@@ -75,10 +77,12 @@ __all__ = [
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
     "MultiFamilyDataModule",
+    "OptimizerConfig",
     "SafeCheckpointIO",
     "SparseLinearRegressionDataModule",
     "SubnetworkPruning",
     "TaskInfo",
+    "TransformerConfig",
     "ablation_effects",
     "adapter_for",
     "concept_patching",

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from conftest import tiny_modular, trainer_kwargs
-from lightning_icl import CircuitOverlap, ICLModule
+from lightning_icl import CircuitOverlap, ICLModule, OptimizerConfig, TransformerConfig
 from lightning_icl.adapters import Adapter, ICLModuleAdapter
 from lightning_icl.callbacks.circuits import jaccard, top_heads
 
@@ -43,6 +43,10 @@ class TwoFamilies(L.LightningDataModule):
         ]
 
 
+TINY = TransformerConfig(d_model=32, n_layers=2, n_heads=2)
+FAST = OptimizerConfig(lr=3e-3, warmup_steps=10)
+
+
 class FamilyGated(ICLModule):
     """Each family's batches run with only its own heads switched on, in training and after."""
 
@@ -73,7 +77,7 @@ def test_families_on_disjoint_heads_do_not_overlap_and_a_shared_route_is_shared(
     L.seed_everything(0)
     # family a uses heads L0H0 and L1H0 only, b uses L0H1 and L1H1: disjoint by construction
     on = {"a": [(0, 0), (1, 0)], "b": [(0, 1), (1, 1)]}
-    module = FamilyGated(on, task=data.task_info, d_model=32, n_layers=2, n_heads=2, lr=3e-3, warmup_steps=10)
+    module = FamilyGated(on, task=data.task_info, transformer=TINY, optimizer=FAST)
     overlap = CircuitOverlap(top_fraction=0.5, score=score, mode="zero")
     kwargs = trainer_kwargs(tmp_path, max_steps=20, val_check_interval=20, logger=False, callbacks=[overlap])
     L.Trainer(**kwargs).fit(module, data)
@@ -98,7 +102,7 @@ def test_a_head_every_family_uses_is_in_every_circuit(tmp_path):
     L.seed_everything(0)
     # both families route through L1H0; each has its own layer-0 head
     on = {"a": [(0, 0), (1, 0)], "b": [(0, 1), (1, 0)]}
-    module = FamilyGated(on, task=data.task_info, d_model=32, n_layers=2, n_heads=2, lr=3e-3, warmup_steps=10)
+    module = FamilyGated(on, task=data.task_info, transformer=TINY, optimizer=FAST)
     overlap = CircuitOverlap(families={"a": 0, "b": 1}, top_fraction=0.5, mode="zero")
     L.Trainer(**trainer_kwargs(tmp_path, max_steps=20, val_check_interval=20, logger=False, callbacks=[overlap])).fit(
         module, data
