@@ -7,7 +7,8 @@ The names here are the ones a study starts from:
   configuration, :class:`TransformerConfig` and :class:`OptimizerConfig`;
 - tasks: the DataModules, :class:`ICLBatch` and :class:`TaskInfo`;
 - what a forward keeps: :class:`CaptureSpec` and :class:`Capture`;
-- callbacks that measure during training (:class:`ICLCallback` and its subclasses);
+- callbacks that measure during training (:class:`ICLCallback` and its subclasses), and
+  :class:`OODPeakCheckpoint`, which keeps the checkpoint at the peak of OOD accuracy;
 - adapters that let the callbacks and interventions reach any model (:func:`adapter_for`);
 - interventions after training: :func:`ablation_effects`, :func:`head_attribution`,
   :func:`concept_patching`, :func:`function_vector_effects`;
@@ -29,6 +30,7 @@ from lightning_icl.callbacks import (
     HeadAttribution,
     ICLCallback,
     ICLCurves,
+    OODPeakCheckpoint,
 )
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_trained
@@ -77,6 +79,7 @@ __all__ = [
     "LinearRegressionDataModule",
     "ModularArithmeticDataModule",
     "MultiFamilyDataModule",
+    "OODPeakCheckpoint",
     "OptimizerConfig",
     "SafeCheckpointIO",
     "SparseLinearRegressionDataModule",

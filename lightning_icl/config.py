@@ -131,6 +131,8 @@ class OptimizerConfig:
         schedule: ``"cosine"`` (down to ``min_lr_factor * lr`` at ``total_steps``) or ``"constant"``.
         min_lr_factor: where the cosine ends, as a fraction of ``lr`` (in [0, 1]).
         total_steps: length of the cosine (``None``: ``trainer.max_steps``).
+        fused: PyTorch's fused AdamW (one kernel for every parameter update); ``None``: fused
+            when every parameter is on a CUDA device, the multi-tensor AdamW otherwise.
     """
 
     lr: float = 1e-3
@@ -142,6 +144,7 @@ class OptimizerConfig:
     schedule: str = "cosine"
     min_lr_factor: float = 0.1
     total_steps: int | None = None
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         check_number("lr", self.lr, low=0.0, low_open=True)
@@ -154,6 +157,8 @@ class OptimizerConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_number("min_lr_factor", self.min_lr_factor, 0.0, 1.0)
         check_optional_positive("total_steps", self.total_steps)
+        if self.fused is not None:
+            check_flag("fused", self.fused)
         if self.total_steps is not None and self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is longer than total_steps={self.total_steps}")
 

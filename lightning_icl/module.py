@@ -11,18 +11,41 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_icl import records
 from lightning_icl.capture import Capture, CaptureSpec
 from lightning_icl.checkpoints import DivergenceError, catch_up_evaluation, check_finite_loss, seal, verify
+from lightning_icl.checks import check_choice
 from lightning_icl.config import OptimizerConfig, TransformerConfig, as_config, as_dict, split_fields
 from lightning_icl.metrics import PerShotMean
 from lightning_icl.models import ICLTransformer
 from lightning_icl.optim import configure_adamw
 from lightning_icl.tasks.base import TaskInfo
 from lightning_icl.tasks.batch import ICLBatch
+
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+"""``compile``: ``off``, a ``torch.compile`` mode (``reduce-overhead`` adds CUDA graphs), or ``auto``
+(``default`` on CUDA, ``off`` elsewhere)."""
+
+
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """The ``torch.compile`` mode ``mode`` means on ``device`` (``"off"``: eager)."""
+    check_choice("compile", mode, COMPILE_MODES)
+    if mode == "auto":
+        return "default" if device.type == "cuda" else "off"
+    return mode
+
+
+def has_hooks(modules: list[nn.Module]) -> bool:
+    """Whether any forward or backward hook is registered on ``modules`` or globally (a compiled
+    graph would not run a hook registered after it was traced)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 class ICLTaskModule(L.LightningModule):
@@ -168,6 +191,44 @@ class ICLTaskModule(L.LightningModule):
         for row in rows:
             records.append_jsonl(path, row)
 
+    # ---- the compiled training forward -------------------------------------------------
+    def _init_compile(self, mode: str) -> None:
+        check_choice("compile", mode, COMPILE_MODES)
+        self.compile_mode = mode
+        self.__dict__["_compiled"] = None  # not a submodule: state_dict and checkpoints stay the model's
+
+    def on_fit_start(self) -> None:
+        mode = resolve_compile(getattr(self, "compile_mode", "off"), self.device)
+        if mode != "off":
+            self.__dict__["_compiled"] = torch.compile(self.model, mode=mode, dynamic=False)
+            self.__dict__["_compiled_modules"] = list(self.model.modules())
+            rank_zero_info(f"training forward compiled with torch.compile(mode={mode!r}); evaluation runs eager")
+
+    def teardown(self, stage: str) -> None:
+        self.__dict__["_compiled"] = None
+
+    def compiled_model(self):
+        """The compiled model for this training forward, or ``None`` for eager: evaluation, a forward
+        that captures, gates or patches, and any step on which a hook is registered on the model
+        (a callback's capture) run eager, so every hook runs."""
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or not self.training or has_hooks(self.__dict__["_compiled_modules"]):
+            return None
+        return compiled
+
+    def run_compiled(self, compiled, *args):
+        """``compiled(*args)``; if compiling fails, one warning and the model runs eager from then on."""
+        try:
+            return compiled(*args)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            rank_zero_warn(
+                f"torch.compile(mode={resolve_compile(self.compile_mode, self.device)!r}) failed "
+                f"({type(err).__name__}: {first[:200]}); training continues eager (compile='off' skips compiling)"
+            )
+            self.__dict__["_compiled"] = None
+            return self.model(*args)
+
     # ---- runs that survive a crash ------------------------------------------------------
     def setup(self, stage: str) -> None:
         self._curves_started = False
@@ -223,6 +284,11 @@ class ICLModule(ICLTaskModule):
             defaults to the task's sequence length.
         optimizer: AdamW and its schedule (an :class:`~lightning_icl.config.OptimizerConfig` or a
             dict of its fields).
+        compile: the training forward under ``torch.compile``: ``"off"``, ``"default"``,
+            ``"reduce-overhead"`` (with CUDA graphs), ``"max-autotune"``, or ``"auto"``
+            (``"default"`` on CUDA, ``"off"`` elsewhere). Evaluation, and any training step on which a
+            callback captures or gates (a hook on the model), run eager; if compiling fails the fit
+            warns once and trains eager.
 
     From the command line: ``--model.transformer.d_model 256 --model.optimizer.lr 1e-3``, or
     ``transformer:`` and ``optimizer:`` blocks under ``init_args`` in YAML. From Python,
@@ -248,9 +314,11 @@ class ICLModule(ICLTaskModule):
         task: dict | None = None,
         transformer: TransformerConfig = TransformerConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
+        compile: str = "auto",
     ) -> None:
         super().__init__()
         info = self._init_hyperparameters(task, optimizer)
+        self._init_compile(compile)
         config = as_config(TransformerConfig, transformer, "transformer")
         self._keep_plain("transformer", as_dict(config))
         sizes = {
@@ -273,14 +341,16 @@ class ICLModule(ICLTaskModule):
         self._init_evaluation(info)
 
     @classmethod
-    def from_kwargs(cls, task: TaskInfo | Mapping | None = None, **fields) -> ICLModule:
+    def from_kwargs(cls, task: TaskInfo | Mapping | None = None, compile: str = "auto", **fields) -> ICLModule:
         """An ``ICLModule`` from the fields of its two configs as flat keywords:
         ``ICLModule.from_kwargs(task, d_model=64, n_layers=2, lr=3e-3)``."""
         transformer, optimizer = split_fields(fields)
-        return cls(task, TransformerConfig(**transformer), OptimizerConfig(**optimizer))
+        return cls(task, TransformerConfig(**transformer), OptimizerConfig(**optimizer), compile=compile)
 
     # ---- forward and loss -------------------------------------------------------------
     def forward(self, batch: ICLBatch, capture: CaptureSpec | None = None, **kwargs) -> tuple[Tensor, Capture | None]:
+        if capture is None and not kwargs and (compiled := self.compiled_model()) is not None:
+            return self.run_compiled(compiled, batch.inputs)
         extra = {}
         if capture is not None and capture.stats:
             extra = {

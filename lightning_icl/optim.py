@@ -46,11 +46,15 @@ def configure_adamw(model: nn.Module, config: OptimizerConfig, max_steps: int | 
     """What ``configure_optimizers`` returns for ``config``: AdamW over :func:`decay_groups` and its
     per-step schedule, over a run of ``max_steps`` (``trainer.max_steps``; ``None`` or < 1: unbounded).
 
-    Raises ``ValueError`` when the warm-up is longer than the run, or when the cosine has no length.
+    The update is PyTorch's fused AdamW when ``config.fused`` says so (``None``: when every parameter
+    is on CUDA). Raises ``ValueError`` when the warm-up is longer than the run, or when the cosine has no length.
     """
-    optimizer = torch.optim.AdamW(
-        decay_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
-    )
+    groups = decay_groups(model, config.weight_decay)
+    fused = config.fused
+    if fused is None:
+        params = [p for group in groups for p in group["params"]]
+        fused = bool(params) and all(p.is_cuda for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused)
     if max_steps is not None and max_steps > 0 and config.warmup_steps > max_steps:
         raise ValueError(
             f"warmup_steps={config.warmup_steps} is longer than the run, trainer.max_steps={max_steps}: the learning "

@@ -476,22 +476,23 @@ def concept_curves_figure(records: list[dict]) -> Figure | None:
 
 
 # ---- sweeps (lightning-icl report over several runs) -----------------------------------------
-def phase_diagram_figure(points: list[tuple[float, float, float]], x: str, y: str, metric: str) -> Figure:
-    """``metric`` over a grid of two hyperparameters, one cell per ``(x, y)``: the mean over the runs
-    there (seeds), written with its spread (``± std (n runs)``) where several runs share a cell."""
+def _phase_cells(points: list[tuple[float, float, float]]) -> tuple[list[float], list[float], dict]:
+    """The grid's x and y values and ``{(row, column): [values of the runs there]}``."""
     xs = sorted({p[0] for p in points})
     ys = sorted({p[1] for p in points})
     cells: dict[tuple[int, int], list[float]] = {}
     for px, py, value in points:
         cells.setdefault((ys.index(py), xs.index(px)), []).append(value)
+    return xs, ys, cells
+
+
+def _draw_phase(ax: Axes, points: list[tuple[float, float, float]], x: str, y: str, title: str) -> None:
+    xs, ys, cells = _phase_cells(points)
     grid = torch.full((len(ys), len(xs)), float("nan"))
     for (i, j), values in cells.items():
         grid[i, j] = sum(values) / len(values)
-    seeds = max(len(v) for v in cells.values())
-    title = f"{metric} (final) over the sweep" + (f", mean of up to {seeds} runs" if seeds > 1 else "")
-    fig, ax = _figure((2.0 + 1.0 * len(xs), 1.8 + 0.7 * len(ys)))
-    draw_heatmap(ax, grid, title, metric, y, x, vmin=0, vmax=max(1.0, float(grid.nan_to_num().max())), cmap="magma",
-                 annotate=False, aspect="equal", title_size=9)  # fmt: skip
+    draw_heatmap(ax, grid, title, "final value", y, x, vmin=0, vmax=max(1.0, float(grid.nan_to_num().max())),
+                 cmap="magma", annotate=False, aspect="equal", title_size=9)  # fmt: skip
     ax.invert_yaxis()  # the lowest y at the bottom
     ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
     ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
@@ -502,6 +503,60 @@ def phase_diagram_figure(points: list[tuple[float, float, float]], x: str, y: st
             std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
             text += f"\n±{std:.2f} ({len(values)})"
         ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if mean < 0.6 else "black")
+
+
+def phase_diagram_figure(
+    points: list[tuple[float, float, float]] | dict[str, list[tuple[float, float, float]]],
+    x: str,
+    y: str,
+    metric: str | None = None,
+) -> Figure:
+    """Final metrics over a grid of two hyperparameters, one cell per ``(x, y)``: the mean over the
+    runs there (seeds), written with its spread (``± std (n runs)``) where several runs share a
+    cell. ``points`` is one metric's ``[(x, y, value)]`` (named by ``metric``) or ``{metric: points}``,
+    one panel each."""
+    by_metric = {metric or "metric": points} if isinstance(points, list) else dict(points)
+    xs = sorted({p[0] for pts in by_metric.values() for p in pts})
+    ys = sorted({p[1] for pts in by_metric.values() for p in pts})
+    n = len(by_metric)
+    fig, axes = _figure(((2.0 + 1.0 * len(xs)) * n, 1.8 + 0.7 * len(ys)), 1, n, squeeze=False)
+    for ax, (name, pts) in zip(axes[0], by_metric.items(), strict=True):
+        seeds = max(len(v) for v in _phase_cells(pts)[2].values())
+        title = f"{name} (final)" + (f", mean of up to {seeds} runs" if seeds > 1 else "")
+        _draw_phase(ax, pts, x, y, title)
+    fig.tight_layout()
+    return fig
+
+
+def phase_lines_figure(
+    by_metric: dict[str, list[tuple[float, float, float]]], x: str, y: str, chance: float | None = None
+) -> Figure:
+    """The same sweep as lines: each metric's final value against ``x``, one line per ``y`` (the
+    mean over the runs at a point, a bar from the lowest to the highest), one panel per metric.
+    ``x`` is drawn on a log2 scale when it spans a factor of 8 or more (n_i.d. doubling)."""
+    n = len(by_metric)
+    fig, axes = _figure((4.0 * n, 3.6), 1, n, squeeze=False, sharey=True)
+    for ax, (name, pts) in zip(axes[0], by_metric.items(), strict=True):
+        xs, ys, cells = _phase_cells(pts)
+        for i, yv in enumerate(ys):
+            row = [(xs[j], cells[(i, j)]) for j in range(len(xs)) if (i, j) in cells]
+            means = [sum(v) / len(v) for _, v in row]
+            line = ax.plot([px for px, _ in row], means, marker="o", label=f"{y} = {yv:g}")[0]
+            for px, values in row:
+                if len(values) > 1:
+                    ax.vlines(px, min(values), max(values), color=line.get_color(), alpha=0.5)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.2f}")
+        if xs and xs[0] > 0 and xs[-1] / xs[0] >= 8:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x)
+        if name.split("/")[-1].startswith("acc"):
+            ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final value")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -527,5 +582,32 @@ def seed_bands_figure(series: dict[str, dict[str, list[dict[int, float]]]]) -> F
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean over seeds (band: lowest to highest)")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def peak_figure(history: list[dict]) -> Figure | None:
+    """A monitored metric over training (``OODPeakCheckpoint`` records), its peak marked and the
+    last value labelled: how far the run fell from its peak."""
+    points = [(r["step"], r["value"]) for r in history if r["value"] is not None and math.isfinite(r["value"])]
+    if not points:
+        return None
+    last = history[-1]
+    fig, ax = _figure((6.0, 3.8))
+    steps, values = zip(*points, strict=True)
+    ax.plot(steps, values, marker="o", markersize=3, label=last["monitor"])
+    if last["peak_step"] is not None:
+        ax.plot([last["peak_step"]], [last["peak_value"]], marker="*", markersize=14, color="C3", linestyle="none",
+                label=f"peak {last['peak_value']:.3f} at step {last['peak_step']} (checkpoint kept)")  # fmt: skip
+        ax.axvline(last["peak_step"], color="C3", alpha=0.3, linestyle="--")
+    ax.set_title(f"{last['monitor']}: last {last['value']:.3f} at step {last['step']}", fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(
+        METRIC_LABELS.get(last["monitor"].split("/")[-1].removesuffix("_last").removesuffix("_shot0"), "value")
+    )
+    if last["monitor"].split("/")[-1].startswith("acc"):
+        ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

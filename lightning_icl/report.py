@@ -39,7 +39,8 @@ from lightning_icl.records import expand_run_dirs, merge_segments, read_jsonl, r
 if TYPE_CHECKING:
     from lightning_icl.plotting import Figure
 
-PHASE_METRIC = "val/ood_unseen/acc"
+PHASE_METRICS = tuple(f"val/{split}/acc_last" for split in ("id_seen", "id_unseen", "ood_seen", "ood_unseen"))
+"""What ``--phase`` draws by default: He et al.'s four splits' last-shot accuracy (those a sweep logged)."""
 
 
 # ---- hyperparameters --------------------------------------------------------------------------
@@ -223,6 +224,9 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
         add("Per-shot curves at several steps", fig, "per_shot", plotting.CURVES_DPI)
     for stem, records in callback_records(run_dir, "curves").items():
         add(f"Per-concept curves ({stem})", plotting.concept_curves_figure(records), f"{stem}_by_concept")
+    for stem, records in callback_records(run_dir, "ood_peak").items():
+        add(f"Peak of {records[-1]['monitor']} (its checkpoint kept)", plotting.peak_figure(records), stem,
+            plotting.CURVES_DPI)  # fmt: skip
     for stem, records in callback_records(run_dir, "decodability").items():
         add(f"Concept decodability ({stem})", plotting.decodability_figure(records), stem)
     ablation = callback_records(run_dir, "ablation")
@@ -246,10 +250,17 @@ def run_figures(run_dir: str, out: str, prefix: str = "") -> list[tuple[str, str
 
 
 def write_report(
-    run_dirs: Sequence[str], out: str, phase: tuple[str, str] | None = None, metric: str = PHASE_METRIC
+    run_dirs: Sequence[str],
+    out: str,
+    phase: tuple[str, str] | None = None,
+    metrics: str | Sequence[str] = PHASE_METRICS,
 ) -> str:
     """Figures for every run, a phase diagram over ``phase`` = (x, y) hyperparameters when several
-    runs are given, and ``out/index.html`` showing them all (images embedded). Returns its path."""
+    runs are given, and ``out/index.html`` showing them all (images embedded). Returns its path.
+
+    The phase diagram has a panel per final metric of ``metrics`` that some run logged
+    (``phase_diagram.png``, a grid; ``phase_lines.png``, each metric against x, a line per y)."""
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     from tqdm.auto import tqdm
 
     missing = [d for d in run_dirs if not os.path.isdir(d)]
@@ -262,7 +273,8 @@ def write_report(
         runs.append((title, merge_segments(segments, os.path.join(out, "joined", f"run{i}"))))
     run_dirs = [d for _, d in runs]
     sections: list[tuple[str, list[tuple[str, str]], dict, dict]] = []
-    points = []
+    points: dict[str, list[tuple[float, float, float]]] = {m: [] for m in metrics}
+    chances = set()
     many = len(run_dirs) > 1
     for i, (title, run_dir) in enumerate(tqdm(runs, desc="runs", unit="run", disable=not many)):
         prefix = f"run{i}_" if many else ""
@@ -271,17 +283,27 @@ def write_report(
         sections.append((title, figures, finals, hyperparameters(run_dir)))
         if phase is not None:
             hp = hyperparameters(run_dir)
-            if all(k in hp for k in phase) and metric in finals:
-                points.append((float(hp[phase[0]]), float(hp[phase[1]]), finals[metric]))
+            if all(k in hp for k in phase):
+                chances.add(answer_chance(hp))
+                for m in metrics:
+                    if m in finals:
+                        points[m].append((float(hp[phase[0]]), float(hp[phase[1]]), finals[m]))
     summary: list[tuple[str, str]] = []
     if phase is not None:
+        points = {m: pts for m, pts in points.items() if pts}
         if not points:
             raise ValueError(
-                f"no run has both hyperparameters {phase} (hparams.yaml or config.yaml) and a final {metric!r}"
+                f"no run has both hyperparameters {phase} (hparams.yaml or config.yaml) and a final value of "
+                f"any of {list(metrics)}"
             )
-        fig = plotting.phase_diagram_figure(points, phase[0], phase[1], metric)
+        names = ", ".join(points)
+        fig = plotting.phase_diagram_figure(points, phase[0], phase[1])
         path = plotting.save(fig, os.path.join(out, "phase_diagram.png"))
-        summary.append((f"Phase diagram: {metric} over {phase[0]} x {phase[1]}", path))
+        summary.append((f"Phase diagram: {names} over {phase[0]} x {phase[1]}", path))
+        chance = chances.pop() if len(chances) == 1 else None
+        fig = plotting.phase_lines_figure(points, phase[0], phase[1], chance)
+        path = plotting.save(fig, os.path.join(out, "phase_lines.png"), plotting.CURVES_DPI)
+        summary.append((f"The same sweep against {phase[0]}, a line per {phase[1]}", path))
     if many and (groups := seed_groups(run_dirs)):
         path = plotting.save(plotting.seed_bands_figure(seed_series(groups)), os.path.join(out, "seeds.png"))
         if path:
@@ -365,13 +387,21 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("runs", nargs="+", help="run directories (the logger's version_N folders)")
     parser.add_argument("--out", required=True, help="folder for the figures and index.html")
     parser.add_argument("--phase", default=None, help="two hyperparameters for a phase diagram, e.g. num_tasks,alpha")
-    parser.add_argument("--metric", default=PHASE_METRIC, help=f"final metric of the phase diagram ({PHASE_METRIC})")
+    parser.add_argument(
+        "--metric",
+        default=",".join(PHASE_METRICS),
+        help="final metrics of the phase diagram, separated by commas, a panel each (default: the last-shot "
+        "accuracy of the four He et al. splits)",
+    )
     args = parser.parse_args(argv)
     phase = None
     if args.phase is not None:
         phase = tuple(p.strip() for p in args.phase.split(","))
         if len(phase) != 2 or not all(phase):
             parser.error(f"--phase takes two hyperparameter names separated by a comma, got {args.phase!r}")
-    index = write_report(args.runs, args.out, phase, args.metric)
+    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
+    if not metrics:
+        parser.error(f"--metric takes one or more metric names separated by commas, got {args.metric!r}")
+    index = write_report(args.runs, args.out, phase, metrics)
     print(f"wrote {index}")
     return index

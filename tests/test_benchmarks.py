@@ -95,3 +95,13 @@ def test_hf_benchmark_times_every_arm_side_by_side(tmp_path):
     assert [r["vs sdpa"] for r in rows if r["attention"] == "sdpa"] == [1.0, 1.0]
     table = (tmp_path / "hf_attention_cpu_quick.md").read_text()
     assert "Goal: a training step with every head's statistics recorded" in table and "- torch: " in table
+
+
+def test_train_step_benchmark_times_its_arms_side_by_side(tmp_path):
+    from benchmarks import train_step
+
+    rows = train_step.main(["--size=small", "--steps=2", "--warmup=1", "--arms=1,2,3", f"--out={tmp_path}"])
+    assert [r["arm"] for r in rows] == ["plain", "+ on-device sampling", "+ fused AdamW"]
+    assert rows[0]["vs plain"] == "1.00x" and all(float(r["ms/step"]) > 0 for r in rows)
+    md = (tmp_path / "train_step_cpu.md").read_text()
+    assert "Model FLOPs per step" in md and "Measured dense matmul in this run" in md and "torch:" in md

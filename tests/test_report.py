@@ -66,8 +66,11 @@ def test_report_of_a_sweep_draws_its_phase_diagram(run_dir, tmp_path):
     runs = copies_with(run_dir, tmp_path, "run", [{"num_tasks": n, "alpha": a} for n, a in grid])
     assert hyperparameters(runs[1])["num_tasks"] == 8
     assert hyperparameters(runs[1])["d_model"] == 32 and hyperparameters(runs[1])["lr"] == 3e-3  # the model's configs
-    main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "num_tasks,alpha"])
-    assert (tmp_path / "sweep" / "phase_diagram.png").exists()
+    page = Path(main([*runs, "--out", str(tmp_path / "sweep"), "--phase", "num_tasks,alpha"])).read_text()
+    assert (tmp_path / "sweep" / "phase_diagram.png").exists() and (tmp_path / "sweep" / "phase_lines.png").exists()
+    # a panel for each of the four splits' last-shot accuracy, the default
+    assert "Phase diagram: val/id_seen/acc_last, val/id_unseen/acc_last, val/ood_seen/acc_last, " in page
+    main([*runs, "--out", str(tmp_path / "one"), "--phase", "num_tasks,alpha", "--metric", "val/ood_unseen/acc"])
     assert (tmp_path / "sweep" / "run3_decodability.png").exists()  # every run's figures, prefixed
     with pytest.raises(ValueError, match="no run has both hyperparameters"):
         main([runs[0], "--out", str(tmp_path / "x"), "--phase", "depth,width"])

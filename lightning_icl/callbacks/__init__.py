@@ -8,6 +8,7 @@ from .circuits import CircuitOverlap
 from .curves import ICLCurves
 from .decodability import ConceptDecodability
 from .patching import ConceptPatching
+from .peak import OODPeakCheckpoint
 
 __all__ = [
     "AttentionStatistics",
@@ -18,4 +19,5 @@ __all__ = [
     "HeadAttribution",
     "ICLCallback",
     "ICLCurves",
+    "OODPeakCheckpoint",
 ]

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lightning_icl.checks import check_choice, check_noise, check_positive  # noqa: F401 (check_noise: re-exported)
+from lightning_icl.checks import check_choice, check_flag, check_noise, check_positive  # noqa: F401 (check_noise: re-exported)
 
 from .batch import ICLBatch
 
@@ -59,6 +59,36 @@ class TrainStream(IterableDataset):
         while True:
             yield self.sampler(generator_for(self.seed, "train", self.rank, index), index)
             index += n_workers
+
+
+@dataclass(frozen=True)
+class TrainIndex:
+    """The index of a training batch still to be drawn: what the loader yields when batches are
+    sampled on the device (:meth:`ICLDataModule.transfer_batch_to_device` draws it there)."""
+
+    index: int
+
+
+class IndexStream(IterableDataset):
+    """Endless :class:`TrainIndex` ``start, start + 1, ...`` (one process: nothing to share out)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[TrainIndex]:
+        index = self.start
+        while True:
+            yield TrainIndex(index)
+            index += 1
+
+
+def sampler_on(sampler: Sampler, device: torch.device) -> Sampler:
+    """``sampler`` (a :func:`functools.partial`) with the tensors it was given moved to ``device``."""
+    if not isinstance(sampler, partial):
+        raise TypeError(f"a sampler drawn on the device must be a functools.partial, got {type(sampler).__name__}")
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+    inner = sampler_on(sampler.func, device) if isinstance(sampler.func, partial) else sampler.func
+    return partial(inner, *map(move, sampler.args), **{k: move(v) for k, v in sampler.keywords.items()})
 
 
 class FixedBatches(Dataset):
@@ -131,7 +161,18 @@ class ICLDataModule(L.LightningDataModule, ABC):
 
     Subclasses build their task in ``__init__`` and implement :meth:`train_sampler`,
     :meth:`eval_samplers` and :attr:`task_info`.
+
+    ``sample_on_device``: draw the training batches on the device the model trains on, from a
+    generator there seeded as the host stream is (batch ``i`` of rank ``r`` from ``(seed, r, i)``),
+    so no batch is copied from the host per step. ``None`` (the default): on when the Trainer runs
+    on CUDA with one process per device and no dataloader workers. On the CPU the batches are the
+    host stream's, bit for bit; on a GPU they are a different draw of the same distribution (its
+    generator is not the CPU's), still a pure function of the seed, rank and index, so a resumed run
+    continues it. Evaluation batches are always drawn on the host (fixed sets).
     """
+
+    device_sampling = True
+    """Whether this family's samplers can draw on a device (every tensor made on the generator's)."""
 
     def __init__(
         self,
@@ -141,10 +182,24 @@ class ICLDataModule(L.LightningDataModule, ABC):
         seed: int,
         num_workers: int,
         batch_format: str = "icl",
+        sample_on_device: bool | None = None,
     ) -> None:
         super().__init__()
         check_choice("batch_format", batch_format, BATCH_FORMATS)
-        self.batch_format = batch_format
+        if sample_on_device is not None:
+            check_flag("sample_on_device", sample_on_device)
+            if sample_on_device and not self.device_sampling:
+                raise ValueError(
+                    f"sample_on_device=True: {type(self).__name__} draws its batches on the host; "
+                    "leave it None or False"
+                )
+            if sample_on_device and num_workers:
+                raise ValueError(
+                    f"sample_on_device=True draws batches in the training process; num_workers={num_workers} "
+                    "would be idle: set num_workers=0"
+                )
+        self.batch_format, self.sample_on_device = batch_format, sample_on_device
+        self._device_samplers: dict[torch.device, tuple[Sampler, torch.Generator]] = {}
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         check_positive("batch_size", batch_size)
         check_positive("eval_batch_size", eval_batch_size)
@@ -176,13 +231,44 @@ class ICLDataModule(L.LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
         )
 
+    def samples_on_device(self) -> bool:
+        """Whether this fit's training batches are drawn on the device (``sample_on_device`` resolved
+        against the Trainer: ``None`` means on for CUDA, with no dataloader workers)."""
+        if self.sample_on_device is not None:
+            return self.sample_on_device
+        trainer = self.trainer
+        if trainer is None or not self.device_sampling or self.num_workers:
+            return False
+        return trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         # Resume the stream where a restored checkpoint stopped (one batch per optimizer step).
         start, rank = 0, 0
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
             rank = self.trainer.global_rank
+        self._rank = rank
+        if self.samples_on_device():
+            return self._loader(IndexStream(start))
         return self._loader(TrainStream(self._formatted(self.train_sampler()), self.seed, start, rank))
+
+    def draw_on(self, device: torch.device | str, index: int, rank: int = 0):
+        """Training batch ``index`` of ``rank`` drawn on ``device`` (on the CPU: the host stream's batch)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._device_samplers:
+            self._device_samplers[device] = (
+                self._formatted(sampler_on(self.train_sampler(), device)),
+                torch.Generator(device=device),
+            )
+        sampler, generator = self._device_samplers[device]
+        return sampler(generator.manual_seed(derive_seed(self.seed, "train", rank, index)), index)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, TrainIndex):
+            return self.draw_on(device, batch.index, getattr(self, "_rank", 0))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         return [

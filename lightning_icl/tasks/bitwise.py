@@ -39,9 +39,9 @@ def sample_sequences(
     """One batch: sequence i uses operation ``ops[i]`` (an index into ``OPS``) on ``num_shots``
     (x1, x2) drawn from ``pairs`` ``[N, 2]``."""
     n = ops.shape[0]
-    pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator)
+    pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator, device=generator.device)
     x1, x2 = pairs[pick, 0], pairs[pick, 1]  # [B, K]
-    noise = torch.randint(1 << n_bits, (n, num_shots), generator=generator)  # Null's answers
+    noise = torch.randint(1 << n_bits, (n, num_shots), generator=generator, device=generator.device)  # Null's answers
     table = torch.stack([apply_op(name, x1, x2, n_bits) for name in OPS[:-1]] + [noise])  # [len(OPS), B, K]
     y = table.gather(0, ops.view(1, n, 1).expand(1, n, num_shots)).squeeze(0)
     return triples_batch(x1, x2, y, ops.clone(), split)  # x1 x2 y x1 x2 y ...
@@ -58,7 +58,7 @@ class BitwiseDataModule(TaskSetSampling, ICLDataModule):
         num_shots: examples per sequence (sequence length 3*num_shots - 1).
         batch_size: training sequences per batch.
         balanced: every training batch holds batch_size/len(ops) sequences of each op.
-        eval_batch_size, num_eval_batches, seed, num_workers, batch_format: as in
+        eval_batch_size, num_eval_batches, seed, num_workers, batch_format, sample_on_device: as in
             :class:`ModularArithmeticDataModule`.
 
     The concept label is the operation's index in ``OPS`` (``AND``=0 ... ``Null``=6), whichever
@@ -80,8 +80,11 @@ class BitwiseDataModule(TaskSetSampling, ICLDataModule):
         seed: int = 0,
         num_workers: int = 0,
         batch_format: str = "icl",
+        sample_on_device: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format)
+        super().__init__(
+            batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format, sample_on_device
+        )
         check_positive("n_bits", n_bits)
         if n_bits > MAX_BITS:
             raise ValueError(f"n_bits must be <= {MAX_BITS} (one token per string), got {n_bits}")

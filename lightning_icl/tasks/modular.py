@@ -85,9 +85,9 @@ def triples_batch(x: Tensor, y: Tensor, z: Tensor, concept: Tensor, split: str) 
     n, num_shots = x.shape
     tokens = torch.stack([x, y, z], dim=2).reshape(n, 3 * num_shots)  # [B, 3K]: x y z x y z ...
     t = 3 * num_shots - 1
-    pos = torch.arange(t)
+    pos = torch.arange(t, device=x.device)
     scored = (pos % 3 == 1).expand(n, t)  # target tokens[t+1] is a z
-    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1))
+    shot = torch.where(scored, (pos // 3).expand(n, t), torch.full((n, t), -1, device=x.device))
     return ICLBatch(
         inputs=tokens[:, :-1],
         targets=tokens[:, 1:],
@@ -104,7 +104,7 @@ def sample_sequences(
 ) -> ICLBatch:
     """One batch: sequence i uses task ``tasks[i]`` and ``num_shots`` (x, y) drawn from ``pairs``."""
     n = tasks.shape[0]
-    pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator)
+    pick = torch.randint(pairs.shape[0], (n, num_shots), generator=generator, device=generator.device)
     x, y = pairs[pick, 0], pairs[pick, 1]  # [B, K]
     z = (tasks[:, :1] * x + tasks[:, 1:] * y) % p
     return triples_batch(x, y, z, tasks[:, 0] * p + tasks[:, 1], split)
@@ -174,6 +174,9 @@ class ModularArithmeticDataModule(TaskSetSampling, ICLDataModule):
         seed: fixes the task sets, the alpha split and every batch.
         batch_format: ``"icl"`` (:class:`ICLBatch`) or ``"causal_lm"`` (Hugging Face dicts with
             ``input_ids``, ``labels`` and ``concept``, for a user's own language model).
+        num_workers: dataloader worker processes drawing training batches on the host.
+        sample_on_device: draw training batches on the training device (``None``: on CUDA;
+            see :class:`~lightning_icl.tasks.base.ICLDataModule`).
 
     The concept label of a sequence is ``a*p + b``. Evaluation splits:
     ``id_seen``, ``id_unseen``, ``ood_seen``, ``ood_unseen`` (empty ones are dropped).
@@ -194,8 +197,11 @@ class ModularArithmeticDataModule(TaskSetSampling, ICLDataModule):
         seed: int = 0,
         num_workers: int = 0,
         batch_format: str = "icl",
+        sample_on_device: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format)
+        super().__init__(
+            batch_size, eval_batch_size, num_eval_batches, seed, num_workers, batch_format, sample_on_device
+        )
         if not is_integer(p) or not is_prime(p):
             raise ValueError(f"p must be a prime, got {p!r}")
         check_choice("task_rule", task_rule, TASK_RULES)
@@ -269,7 +275,7 @@ def task_set_train_batch(
     if balanced:
         chosen = tasks.repeat_interleave(batch_size // tasks.shape[0], dim=0)
     else:
-        chosen = tasks[torch.randint(tasks.shape[0], (batch_size,), generator=gen)]
+        chosen = tasks[torch.randint(tasks.shape[0], (batch_size,), generator=gen, device=gen.device)]
     return sample(chosen, pairs, num_shots, size, gen, "train")
 
 
@@ -286,5 +292,5 @@ def task_set_eval_batch(
     batch_size: int,
 ) -> ICLBatch:
     """Evaluation batch ``index`` of split ``name``: the tasks cycled so every task is evaluated equally often."""
-    chosen = tasks[(index * batch_size + torch.arange(batch_size)) % tasks.shape[0]]
+    chosen = tasks[(index * batch_size + torch.arange(batch_size, device=tasks.device)) % tasks.shape[0]]
     return sample(chosen, pairs, num_shots, size, gen, name)

@@ -133,6 +133,7 @@ class MultiFamilyDataModule(ICLDataModule):
         seed: fixes the mixing and every training batch (each family's task set comes from its
             own seed).
         num_workers, batch_format: as in the other DataModules.
+        sample_on_device: ``None`` or ``False``; the families' rows are drawn on the host.
 
     Training batch ``i`` holds ``floor(batch_size * w_f)`` rows of family ``f`` plus the leftover
     rows, given at random so that the expected share is exactly ``w_f``; rows of a family are its
@@ -148,6 +149,8 @@ class MultiFamilyDataModule(ICLDataModule):
     family to its dataloader indices.
     """
 
+    device_sampling = False  # the families' rows are drawn and relabelled on the host
+
     def __init__(
         self,
         families: dict[str, ICLDataModule],
@@ -158,8 +161,9 @@ class MultiFamilyDataModule(ICLDataModule):
         seed: int = 0,
         num_workers: int = 0,
         batch_format: str = "icl",
+        sample_on_device: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, None, num_eval_batches or 1, seed, num_workers, batch_format)
+        super().__init__(batch_size, None, num_eval_batches or 1, seed, num_workers, batch_format, sample_on_device)
         if num_eval_batches is not None:
             check_positive("num_eval_batches", num_eval_batches)
         self.num_eval_batches = num_eval_batches

@@ -24,11 +24,11 @@ def interleave(x: Tensor, y: Tensor, concept: Tensor, split: str) -> ICLBatch:
     y_tok = torch.zeros_like(x)
     y_tok[..., 0] = y
     inputs = torch.stack([x, y_tok], dim=2).reshape(b, 2 * k, d)  # [B, 2K, D]
-    pos = torch.arange(2 * k)
+    pos = torch.arange(2 * k, device=x.device)
     scored = (pos % 2 == 0).expand(b, 2 * k).clone()
-    targets = torch.zeros(b, 2 * k, dtype=x.dtype)
+    targets = torch.zeros(b, 2 * k, dtype=x.dtype, device=x.device)
     targets[:, 0::2] = y
-    shot = torch.where(scored, (pos // 2).expand(b, 2 * k), torch.full((b, 2 * k), -1))
+    shot = torch.where(scored, (pos // 2).expand(b, 2 * k), torch.full((b, 2 * k), -1, device=x.device))
     return ICLBatch(inputs, targets, scored, concept, shot, (pos % 2).expand(b, 2 * k).clone(), split)
 
 
@@ -66,10 +66,11 @@ def sample_sparse_regression(
     gen: torch.Generator, index: int, *, bases: Tensor, num_shots: int, noise_std: float, batch_size: int, split: str
 ) -> ICLBatch:
     num_bases, dim = bases.shape
-    concept = torch.randint(num_bases, (batch_size,), generator=gen)
-    w = torch.randn(batch_size, dim, generator=gen) * bases[concept]  # [B, D], zero off the basis
-    x = torch.randn(batch_size, num_shots, dim, generator=gen)
-    y = torch.einsum("bkd,bd->bk", x, w) + noise_std * torch.randn(batch_size, num_shots, generator=gen)
+    device = gen.device
+    concept = torch.randint(num_bases, (batch_size,), generator=gen, device=device)
+    w = torch.randn(batch_size, dim, generator=gen, device=device) * bases[concept]  # [B, D], zero off the basis
+    x = torch.randn(batch_size, num_shots, dim, generator=gen, device=device)
+    y = torch.einsum("bkd,bd->bk", x, w) + noise_std * torch.randn(batch_size, num_shots, generator=gen, device=device)
     return interleave(x, y, concept, split)
 
 
@@ -83,7 +84,8 @@ class SparseLinearRegressionDataModule(ICLDataModule):
         overlapping: random overlapping bases instead of disjoint blocks.
         num_shots: K, examples per sequence (sequence length 2K).
         noise_std: standard deviation of the label noise (0.1 is variance 0.01).
-        batch_size, eval_batch_size, num_eval_batches, seed, num_workers: as usual.
+        batch_size, eval_batch_size, num_eval_batches, seed, num_workers, sample_on_device: as in
+            :class:`~lightning_icl.ModularArithmeticDataModule`.
 
     One evaluation split, ``all``, with bases drawn uniformly.
     """
@@ -101,8 +103,9 @@ class SparseLinearRegressionDataModule(ICLDataModule):
         num_eval_batches: int = 4,
         seed: int = 0,
         num_workers: int = 0,
+        sample_on_device: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, "icl", sample_on_device)
         for name, value in (("dim", dim), ("num_bases", num_bases), ("rank", rank), ("num_shots", num_shots)):
             check_positive(name, value)
         if rank > dim:
@@ -171,11 +174,12 @@ def sample_linear_regression(
         d0, di, p0, pi, every, d1, p1 = curriculum
         active = curriculum_value(d0, d1, di, every, index)
         points = curriculum_value(p0, p1, pi, every, index)
-    x = torch.randn(batch_size, points, dim, generator=gen)
+    device = gen.device
+    x = torch.randn(batch_size, points, dim, generator=gen, device=device)
     x[..., active:] = 0.0  # inactive coordinates stay zero, so the input width is fixed
-    w = torch.zeros(batch_size, dim)
-    w[:, :active] = torch.randn(batch_size, active, generator=gen)
-    y = torch.einsum("bkd,bd->bk", x, w) + noise_std * torch.randn(batch_size, points, generator=gen)
+    w = torch.zeros(batch_size, dim, device=device)
+    w[:, :active] = torch.randn(batch_size, active, generator=gen, device=device)
+    y = torch.einsum("bkd,bd->bk", x, w) + noise_std * torch.randn(batch_size, points, generator=gen, device=device)
     return interleave(x, y, w.abs().argmax(dim=1), split)
 
 
@@ -205,8 +209,9 @@ class LinearRegressionDataModule(ICLDataModule):
         num_eval_batches: int = 4,
         seed: int = 0,
         num_workers: int = 0,
+        sample_on_device: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_eval_batches, seed, num_workers, "icl", sample_on_device)
         for name, value in (
             ("dim", dim),
             ("num_points", num_points),
