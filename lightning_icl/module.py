@@ -220,6 +220,8 @@ class ICLTaskModule(L.LightningModule):
         """``compiled(*args)``; if compiling fails, one warning and the model runs eager from then on."""
         try:
             return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise  # not the compiler's failure: the eager model would not fit either
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             rank_zero_warn(
