@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import os
 import sys
+import time
 import traceback
 
 import lightning as L
@@ -22,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lightning_icl
 import lightning_icl.kernels as kernels
 from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_checkpoint
-from lightning_icl.report import write_fit_report
+from lightning_icl.report import callback_histories, fit_summary, write_fit_report, write_report
 
 
 def _task_info(data: L.LightningDataModule) -> dict:
@@ -103,6 +104,7 @@ class ICLCLI(LightningCLI):
     def before_fit(self) -> None:
         self._safe_checkpoints()
         self._keep_metrics_on_resume()
+        self._fit_started = time.perf_counter()
 
     def before_validate(self) -> None:
         self._safe_checkpoints()
@@ -126,10 +128,20 @@ class ICLCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
+        """The run's figures and, with a logger, its HTML report (``<log_dir>/report/index.html``), then
+        what it found in a few lines (:func:`~lightning_icl.report.fit_summary`); on rank zero."""
+        fit_seconds = time.perf_counter() - self._fit_started
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
-        if self.trainer.is_global_zero and log_dir is not None:
+        if not self.trainer.is_global_zero:
+            return
+        if log_dir is not None:
             for path in write_fit_report(log_dir):
                 print(f"wrote {path}")
+            if self.trainer.logger is not None:  # the run has a folder of its own (not the working directory)
+                print(f"wrote {write_report([log_dir], os.path.join(log_dir, 'report'))}")
+        histories, seconds = callback_histories(self.trainer.callbacks)
+        for line in fit_summary(getattr(self.model, "last_eval", {}), histories, seconds, fit_seconds):
+            print(line)
 
 
 EXTRA_COMMANDS = """Besides LightningCLI's fit / validate / test / predict:

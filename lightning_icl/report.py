@@ -1,8 +1,9 @@
 """Reports of runs: the figures written after ``fit``, and ``lightning-icl report``, figures and
 one self-contained HTML page from run directories. The drawing is :mod:`lightning_icl.plotting`'s.
 
-:func:`write_fit_report` writes ``training_curves.png`` and ``icl_curves.png`` into the log
-directory at the end of ``lightning-icl fit``.
+At the end of ``lightning-icl fit``, :func:`write_fit_report` writes ``training_curves.png`` and
+``icl_curves.png`` into the log directory, :func:`write_report` the run's HTML page into its
+``report/`` folder, and :func:`fit_summary` says in a few lines what the run found.
 
 Reads what :class:`~lightning_icl.ICLModule` and the callbacks write into a run directory
 (``metrics.csv``, ``icl_curves.jsonl``, ``decodability*.jsonl``, ``ablation*.jsonl``,
@@ -27,6 +28,7 @@ import base64
 import glob
 import html
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -153,6 +155,159 @@ def per_shot_rows(log_dir: str) -> list[dict]:
         return read_jsonl(curves)
     callback = os.path.join(log_dir, "curves.jsonl")
     return curves_as_rows(read_jsonl(callback)) if os.path.exists(callback) else []
+
+
+# ---- the summary after fit -------------------------------------------------------------------
+SUMMARY_SPLITS = ("id_seen", "ood_unseen")
+"""The splits the accuracy line names when a run has them (He et al.'s easiest and hardest)."""
+
+
+def callback_histories(callbacks: Sequence) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """The records of a Trainer's interpretability callbacks, ``key -> history`` (``ablation``,
+    ``decodability_<tag>``, ...), and the seconds each spent measuring, ``class name -> seconds``."""
+    from lightning_icl.callbacks import ICLCallback
+
+    histories: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    for callback in callbacks:
+        if isinstance(callback, ICLCallback) and (callback.history or callback.seconds):  # those that ran
+            if callback.history:
+                histories[callback.key] = callback.history
+            name = type(callback).__name__
+            seconds[name] = seconds.get(name, 0.0) + callback.seconds
+    return histories, seconds
+
+
+def fit_summary(
+    last_eval: dict[str, float],
+    histories: dict[str, list[dict]],
+    seconds: dict[str, float] | None = None,
+    fit_seconds: float | None = None,
+) -> list[str]:
+    """What a fit found, one short line per finding that has data, in this order:
+
+    - first- vs last-shot accuracy (squared error on vector tasks) on ``id_seen`` and ``ood_unseen``,
+      from the module's final evaluation ``last_eval`` (``val/<split>/acc_shot0``, ``..._last``);
+    - the head whose ablation raises the loss most (the last ``ablation`` record) and where head
+      attribution (the last ``attribution`` record) ranks it;
+    - the layer that decodes the concept best (the last ``decodability`` record), against its
+      shuffled-label baseline and chance, and how it grows from the first shot;
+    - the heads that attend most to each token class, and the previous-token head (``attention``);
+    - ``seconds`` (callback -> seconds spent measuring) against the whole fit's ``fit_seconds``.
+
+    ``histories`` maps a callback's key to its records: :func:`callback_histories` of a Trainer's
+    callbacks, or :func:`callback_records` of a run directory. A line is left out when its data is.
+    """
+    lines = [_accuracy_line(last_eval), _head_line(histories), _decodability_line(histories)]
+    lines += [_attention_line(histories), _cost_line(seconds or {}, fit_seconds)]
+    return [line for line in lines if line]
+
+
+def _latest(histories: dict[str, list[dict]], name: str) -> dict | None:
+    """The last record of the callback ``name`` (its untagged one first, else the first tagged one)."""
+    keys = sorted((k for k in histories if k == name or k.startswith(f"{name}_")), key=lambda k: k != name)
+    return histories[keys[0]][-1] if keys and histories[keys[0]] else None
+
+
+def _top(per_head: list[list[float]], pick=max) -> tuple[str, float, int, list[float]]:
+    """The head ``pick`` chooses in a ``[L][H]`` table (a missing value never): its name (``L1H2``),
+    value and flat index, and every value flat."""
+    flat = [v for row in per_head for v in row]
+    worst = -math.inf if pick is max else math.inf
+    i = pick(range(len(flat)), key=lambda j: flat[j] if flat[j] is not None and math.isfinite(flat[j]) else worst)
+    return f"L{i // len(per_head[0])}H{i % len(per_head[0])}", flat[i], i, flat
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _accuracy_line(last_eval: dict[str, float]) -> str | None:
+    for metric, title in (("acc", "accuracy"), ("mse", "squared error")):
+        found = {}  # split -> (first shot, last shot)
+        for key, last in last_eval.items():
+            head, _, tail = key.rpartition("/")
+            stage, _, split = head.partition("/")
+            if tail == f"{metric}_last" and stage in ("val", "test") and f"{head}/{metric}_shot0" in last_eval:
+                found.setdefault(split, (last_eval[f"{head}/{metric}_shot0"], last))
+        if found:
+            splits = [s for s in SUMMARY_SPLITS if s in found] or list(found)[:2]
+            shown = ", ".join(f"{s} {found[s][0]:.2f} -> {found[s][1]:.2f}" for s in splits)
+            return f"{title}, first -> last shot: {shown}"
+    return None
+
+
+def _head_line(histories: dict[str, list[dict]]) -> str | None:
+    ablation, attribution = _latest(histories, "ablation"), _latest(histories, "attribution")
+    if ablation is None:
+        if attribution is None:
+            return None
+        head, value, _, _ = _top(attribution["loss_effect_estimate"])
+        return f"most important head by attribution: {head} (estimated loss effect {value:+.3f})"
+    head, value, index, _ = _top(ablation["loss_effect"])
+    line = f"most important head {head} ({ablation.get('mode', 'zero')} ablation: loss {value:+.3f})"
+    if attribution is not None:
+        estimate = _top(attribution["loss_effect_estimate"])[3]
+        mine = estimate[index]
+        if mine is not None:
+            rank = 1 + sum(v is not None and v > mine for v in estimate)
+            line += f"; attribution ranks it {_ordinal(rank)} of {len(estimate)}"
+        agreements = [r["rank_agreement"] for r in (attribution, ablation) if r.get("rank_agreement") is not None]
+        if agreements and attribution["step"] == ablation["step"]:  # measured on the same model
+            line += f" (Spearman {agreements[0]:.2f})"
+    return line
+
+
+def _decodability_line(histories: dict[str, list[dict]]) -> str | None:
+    record = _latest(histories, "decodability")
+    if record is None:
+        return None
+    layer = record["peak_layer"]
+    line = f"concept decodability peaks at layer {layer}: {record['peak']:.2f}"
+    against = []  # what the same points reach without concept information
+    if record.get("cd_permutation_high"):
+        against.append(f"shuffled labels {record['cd_permutation_high'][layer]:.2f}")
+    if record.get("chance") is not None:
+        against.append(f"chance {record['chance']:.2f}")
+    if against:
+        line += f" ({', '.join(against)})"
+    by_shot = record.get("cd_by_shot")  # [L][shots]: the last shot is the peak's own value
+    if by_shot and len(by_shot[layer]) > 1:
+        line += f"; {by_shot[layer][0]:.2f} at the first shot"
+    return line
+
+
+def _attention_line(histories: dict[str, list[dict]]) -> str | None:
+    record = _latest(histories, "attention")
+    if record is None:
+        return None
+    parts = []
+    mass = record.get("class_mass")  # [L][H][C]
+    if mass:
+        names = record.get("class_names") or [f"class{c}" for c in range(len(mass[0][0]))]
+        tops = [(name, *_top([[head[c] for head in layer] for layer in mass])[:2]) for c, name in enumerate(names)]
+        parts.append("most mass on " + ", ".join(f"{name} {head} ({value:.2f})" for name, head, value in tops))
+    if record.get("previous_token"):
+        head, value, _, _ = _top(record["previous_token"])
+        parts.append(f"previous-token head {head} ({value:.2f})")
+    if not parts and record.get("entropy"):
+        head, value, _, _ = _top(record["entropy"], min)
+        parts.append(f"sharpest head {head} (entropy {value:.2f} nats)")
+    return f"attention: {'; '.join(parts)}" if parts else None
+
+
+def _cost_line(seconds: dict[str, float], fit_seconds: float | None) -> str | None:
+    if not seconds:
+        return None
+    total = sum(seconds.values())
+    line = f"callbacks: {total:.1f} s"
+    if fit_seconds:
+        line += f" of {fit_seconds:.1f} s ({100 * total / fit_seconds:.1f}%)"
+    name = max(seconds, key=seconds.__getitem__)
+    if len(seconds) > 1 and seconds[name] > 0:
+        line += f", most in {name} ({seconds[name]:.1f} s)"
+    return line
 
 
 # ---- sweeps ----------------------------------------------------------------------------------

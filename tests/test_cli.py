@@ -123,6 +123,11 @@ def test_config_trains_a_few_steps_when_shrunk(tmp_path, config, capsys):
     assert (run / "metrics.csv").exists() and (run / "config.yaml").exists()
     assert (run / "icl_curves.jsonl").exists() and (run / "icl_curves.png").exists()
     assert "wrote" in out and (run / "training_curves.png").exists()
+    assert f"wrote {run / 'report' / 'index.html'}" in out and (run / "report" / "index.html").exists()
+    assert "accuracy, first -> last shot: " in out or "squared error, first -> last shot: " in out
+    if "quickstart" in config:  # the showcase: every measurement's line (attention statistics need 100 steps)
+        for line in ("most important head", "attribution ranks it", "concept decodability peaks", "callbacks: "):
+            assert line in out, out
 
 
 def test_help_and_print_config(capsys):

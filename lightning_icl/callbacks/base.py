@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,9 @@ class ICLCallback(L.Callback):
     a resumed run's file holds the records restored from its checkpoint. At the end of the
     fit (or of a stand-alone validation) the latest record is drawn to
     ``<log_dir>/figures/<name>.png`` and to TensorBoard when it is a logger.
+
+    ``seconds`` adds up the wall time this process spent measuring, recording and drawing (not
+    saved in checkpoints: a resumed run counts from its own start).
     """
 
     name = "icl"
@@ -66,6 +70,7 @@ class ICLCallback(L.Callback):
         self._adapter: Adapter | None = None
         self._warned: set[str] = set()
         self._file_started = False
+        self.seconds = 0.0
 
     # ---- subclasses implement -----------------------------------------------------------
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -195,6 +200,7 @@ class ICLCallback(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_step == trainer.global_step and trainer.state.fn == "fit":
             return  # a step is measured once, also when every_n_steps and a validation fall on it
+        start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -203,6 +209,7 @@ class ICLCallback(L.Callback):
             pl_module.train(was_training)
         self.history.append(record)
         self._publish(trainer, record)
+        self.seconds += time.perf_counter() - start
 
     # ---- data ---------------------------------------------------------------------------
     def validation_loaders(self, trainer: L.Trainer) -> list:
@@ -264,6 +271,11 @@ class ICLCallback(L.Callback):
         self._file_started = True
 
     def _draw(self, trainer: L.Trainer) -> None:
+        start = time.perf_counter()
+        self._draw_latest(trainer)
+        self.seconds += time.perf_counter() - start
+
+    def _draw_latest(self, trainer: L.Trainer) -> None:
         """The figure of the latest record (drawing is slow next to a small model's step, so once per run)."""
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero or not self.history:
