@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "ms/step": f"{row['ms/step']:.2f}",
                 "steps/s": f"{1 / seconds:.1f}",
                 "vs plain": f"{plain / seconds:.2f}x",
-                "model TFLOP/s": f"{tflops:.2f}",
+                "model TFLOP/s": f"{tflops:.3g}",
                 "of measured matmul": f"{tflops / ceiling:.1%}",
                 "MFU (datasheet)": f"{tflops / peak:.1%}" if peak else "n/a",
                 "fit s (with warm-up)": f"{row['fit s']:.1f}",
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     notes = (
         f"Setup `{size}`: {data_kwargs}, {config.n_layers} blocks of width {config.d_model}, {config.n_heads} heads, "
         f"T = {seq_len}. Model FLOPs per step {flops / 1e12:.3f} TFLOP (6 per matrix parameter per token plus "
-        f"12·L·T·d for attention over the full square). Measured dense matmul in this run: {ceiling:.1f} TFLOP/s "
+        f"12·L·T·d for attention over the full square). Measured dense matmul in this run: {ceiling:.3g} TFLOP/s "
         f"({ceiling_kind})" + (f"; datasheet dense bf16 peak {peak:.0f} TFLOP/s." if peak else ".") + " "
         f"{args.warmup} untimed steps then {args.steps} timed ones per arm, each arm a fresh `Trainer.fit` in "
         "this process; each arm adds its switch to the previous arm's."

@@ -3,7 +3,7 @@
 # minutes: one-factor-at-a-time around configs/he2024_sweep_cpu.yaml (p = 7, width 64, 2 blocks),
 # over n_i.d., alpha, width and p, each run 8000 steps with an evaluation every 1000 (so the steps
 # axis is read from each run's history). Two runs at a time, one thread each. Runs go to
-# runs/he_transition_cpu/, the phase diagrams to runs/reports/he_transition_cpu*/, the wall time
+# runs/he_transition_cpu/, the reports to runs/reports/he_transition_cpu*/, the wall time
 # of every run to runs/he_transition_cpu/times.txt. About 70 minutes on 2 cores.
 #
 #   bash docs/he_transition_cpu.sh
@@ -19,7 +19,7 @@ p7_n16_a0.5_d64 7 16 0.5 64
 p7_n32_a0.5_d64 7 32 0.5 64
 p7_n32_a0.8_d64 7 32 0.8 64
 p7_n32_a0.5_d128 7 32 0.5 128
-p11_n96_a0.5_d64 11 96 0.5 64
+p11_n64_a0.5_d64 11 64 0.5 64
 "}
 one() {
     local name=$1 p=$2 n=$3 a=$4 d=$5 start=$SECONDS
@@ -34,4 +34,6 @@ one() {
 export -f one
 export STEPS OUT
 echo "$RUNS" | grep . | xargs -P 2 -L 1 bash -c 'one "$@"' _
-lightning-icl report "$OUT"/*/version_0 --out runs/reports/he_transition_cpu --phase num_tasks,alpha
+# the n_i.d. x alpha grid of the p = 7, width-64 runs; the width and p runs in a report of their own
+lightning-icl report "$OUT"/p7_*_d64/version_0 --out runs/reports/he_transition_cpu --phase num_tasks,alpha
+lightning-icl report "$OUT"/p7_n32_a0.5_d*/version_0 "$OUT"/p11_*/version_0 --out runs/reports/he_transition_cpu_size
