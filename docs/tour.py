@@ -98,7 +98,7 @@ def main() -> None:
         x, y, z = mass[head].tolist()
         print(
             f"  layer {layer}: entropy per head {[round(e, 2) for e in entropy.tolist()]} nats; "
-            f"head {head} attends most to answers: x {x:.2f} y {y:.2f} z {z:.2f}"
+            f"head {head} puts the most mass on earlier answers (z): x {x:.2f} y {y:.2f} z {z:.2f}"
         )
 
     # Which heads the task needs: each head replaced by its mean output, all heads in one batched pass.
