@@ -111,8 +111,9 @@ class OODPeakCheckpoint(ModelCheckpoint):
         if record is None:
             return
         record["peak_checkpoint"] = self.best_model_path or None
+        log_dir = self._log_dir(trainer)  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            path = os.path.join(self._log_dir(trainer), f"{self.name}.jsonl")
+            path = os.path.join(log_dir, f"{self.name}.jsonl")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if not self._file_started:
                 self._file_started = True
@@ -122,11 +123,12 @@ class OODPeakCheckpoint(ModelCheckpoint):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
+        log_dir = self._log_dir(trainer)  # a collective under DDP: every rank asks
         if not self.history or not trainer.is_global_zero:
             return
         rank_zero_info(peak_summary(self.history))
         fig = plotting.peak_figure(self.history)
-        figures = os.path.join(self._log_dir(trainer), "figures")
+        figures = os.path.join(log_dir, "figures")
         os.makedirs(figures, exist_ok=True)
         plotting.save(fig, os.path.join(figures, f"{self.name}.png"), plotting.CURVES_DPI)
 

@@ -69,3 +69,17 @@ def test_bad_arguments_are_named(tmp_path):
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=10), callbacks=[OODPeakCheckpoint()])
     with pytest.raises(ValueError, match=r"no 'ood_unseen' split; its splits are \['id_seen', 'id_unseen'\]"):
         trainer.fit(tiny_module(data), data)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_one_peak_and_one_record_file(tmp_path):
+    data = tiny_modular()
+    peak = OODPeakCheckpoint()
+    kwargs = trainer_kwargs(
+        tmp_path, max_steps=20, val_check_interval=10, logger=False, devices=2, strategy="ddp_spawn"
+    )
+    L.Trainer(**kwargs, callbacks=[peak]).fit(tiny_module(data), data)
+    records = read_jsonl(str(tmp_path / "ood_peak.jsonl"))  # written by rank 0 (spawn: not this process)
+    assert [r["step"] for r in records] == [10, 20] and records[-1]["peak_step"] in (10, 20)
+    assert records[-1]["peak_checkpoint"].endswith(f"peak-{records[-1]['peak_step']}.ckpt")
+    assert (tmp_path / "figures" / "ood_peak.png").exists()
