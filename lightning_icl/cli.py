@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lightning_icl
 import lightning_icl.kernels as kernels
 from lightning_icl.checkpoints import DivergenceError, SafeCheckpointIO, load_checkpoint
-from lightning_icl.report import callback_histories, fit_summary, write_fit_report, write_report
+from lightning_icl.report import callback_histories, fit_summary, write_fit_report
 
 
 def _task_info(data: L.LightningDataModule) -> dict:
@@ -134,11 +134,9 @@ class ICLCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero:
             return
-        if log_dir is not None:
-            for path in write_fit_report(log_dir):
+        if log_dir is not None:  # with a logger the run has a folder of its own: its page goes there too
+            for path in write_fit_report(log_dir, html=self.trainer.logger is not None):
                 print(f"wrote {path}")
-            if self.trainer.logger is not None:  # the run has a folder of its own (not the working directory)
-                print(f"wrote {write_report([log_dir], os.path.join(log_dir, 'report'))}")
         histories, seconds = callback_histories(self.trainer.callbacks)
         for line in fit_summary(getattr(self.model, "last_eval", {}), histories, seconds, fit_seconds):
             print(line)

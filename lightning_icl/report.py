@@ -2,8 +2,8 @@
 one self-contained HTML page from run directories. The drawing is :mod:`lightning_icl.plotting`'s.
 
 At the end of ``lightning-icl fit``, :func:`write_fit_report` writes ``training_curves.png`` and
-``icl_curves.png`` into the log directory, :func:`write_report` the run's HTML page into its
-``report/`` folder, and :func:`fit_summary` says in a few lines what the run found.
+``icl_curves.png`` into the log directory and, through :func:`write_report`, the run's HTML page
+into its ``report/`` folder; :func:`fit_summary` says in a few lines what the run found.
 
 Reads what :class:`~lightning_icl.ICLModule` and the callbacks write into a run directory
 (``metrics.csv``, ``icl_curves.jsonl``, ``decodability*.jsonl``, ``ablation*.jsonl``,
@@ -30,6 +30,7 @@ import html
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -129,12 +130,26 @@ def curves_as_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def write_fit_report(log_dir: str) -> list[str]:
-    """Write ``training_curves.png`` and ``icl_curves.png`` into ``log_dir``; return the paths written.
+FIT_FIGURES = {"training.png": "training_curves.png", "per_shot.png": "icl_curves.png"}
+"""The report's figures a fit also keeps in its log directory, under these names."""
+
+
+def write_fit_report(log_dir: str, html: bool = False) -> list[str]:
+    """Write ``training_curves.png`` and ``icl_curves.png`` into ``log_dir``, and with ``html`` the
+    run's page, ``log_dir/report/index.html`` (its figures drawn once: the two are copies of the
+    report's own); return the paths written.
 
     The per-shot curves come from the module's ``icl_curves.jsonl``, or, where there is none,
     from an ``ICLCurves`` callback's ``curves.jsonl``.
     """
+    if html:
+        report = os.path.join(log_dir, "report")
+        index = write_report([log_dir], report)
+        written = []
+        for name, kept in FIT_FIGURES.items():
+            if os.path.exists(os.path.join(report, name)):
+                written.append(shutil.copyfile(os.path.join(report, name), os.path.join(log_dir, kept)))
+        return [*written, index]
     written = []
     chance = answer_chance(hyperparameters(log_dir))
     metrics = os.path.join(log_dir, "metrics.csv")
