@@ -7,6 +7,7 @@ minute on two cores); the CUDA test tier compiles for real.
 """
 
 from dataclasses import fields
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -51,7 +52,7 @@ def test_batches_drawn_on_the_device_are_the_host_streams_on_the_cpu(data):
         for index, batch in zip(range(4), host, strict=False):
             assert same_batch(batch, data.draw_on("cpu", index, rank))
     assert not same_batch(data.draw_on("cpu", 0, 0), data.draw_on("cpu", 1, 0))  # a stream, not one batch
-    data._rank = 1
+    data.trainer = SimpleNamespace(global_rank=1)  # the rank comes from the Trainer
     assert same_batch(data.transfer_batch_to_device(TrainIndex(2), torch.device("cpu"), 0), data.draw_on("cpu", 2, 1))
     assert [i.index for _, i in zip(range(3), IndexStream(start=5), strict=False)] == [5, 6, 7]  # resumes at its step
 

@@ -247,7 +247,6 @@ class ICLDataModule(L.LightningDataModule, ABC):
         if self.trainer is not None:
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
             rank = self.trainer.global_rank
-        self._rank = rank
         if self.samples_on_device():
             return self._loader(IndexStream(start))
         return self._loader(TrainStream(self._formatted(self.train_sampler()), self.seed, start, rank))
@@ -267,7 +266,7 @@ class ICLDataModule(L.LightningDataModule, ABC):
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if isinstance(batch, TrainIndex):
-            return self.draw_on(device, batch.index, getattr(self, "_rank", 0))
+            return self.draw_on(device, batch.index, self.trainer.global_rank if self.trainer is not None else 0)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
