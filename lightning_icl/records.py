@@ -62,6 +62,16 @@ def append_jsonl(path: str, record: dict) -> None:
         f.write(dumps(record) + "\n")
 
 
+def write_history(path: str, history: list[dict], started: bool) -> None:
+    """A run's records file: written afresh from the whole ``history`` at the run's first record
+    (a resumed run's file then holds its restored records, and a run never appends to another
+    run's file), the latest record appended after that (``started``)."""
+    if started:
+        append_jsonl(path, history[-1])
+    else:
+        write_jsonl(path, history)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """The records of a JSON-lines file; a truncated last line is skipped with a warning.
 

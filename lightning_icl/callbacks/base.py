@@ -260,14 +260,10 @@ class ICLCallback(L.Callback):
                 logger.save()  # on disk now, as Lightning does for its own metrics: a kill loses nothing
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"{self.key}.jsonl")
-        if self._file_started:
-            records.append_jsonl(path, record)
-            return
-        # The first record of a run writes the file afresh from the history (so a resumed run's file
-        # holds its restored records too): a run never appends to another run's file.
-        if os.path.exists(path) and os.path.getsize(path) and len(self.history) == 1:
+        fresh = not self._file_started and len(self.history) == 1
+        if fresh and os.path.exists(path) and os.path.getsize(path):
             self.warn_once(f"{type(self).__name__}: replaced {path}, left by an earlier run in the same directory")
-        records.write_jsonl(path, self.history)
+        records.write_history(path, self.history, self._file_started)
         self._file_started = True
 
     def _draw(self, trainer: L.Trainer) -> None:

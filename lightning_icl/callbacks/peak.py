@@ -113,13 +113,9 @@ class OODPeakCheckpoint(ModelCheckpoint):
         record["peak_checkpoint"] = self.best_model_path or None
         log_dir = self._log_dir(trainer)  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            path = os.path.join(log_dir, f"{self.name}.jsonl")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not self._file_started:
-                self._file_started = True
-                records.write_jsonl(path, self.history)
-            else:
-                records.append_jsonl(path, record)
+            os.makedirs(log_dir, exist_ok=True)
+            records.write_history(os.path.join(log_dir, f"{self.name}.jsonl"), self.history, self._file_started)
+            self._file_started = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
